@@ -1,0 +1,49 @@
+"""unitsface_jax: face recognition training with the UniTSFace losses in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.0",
+    "flax>=0.12.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11.0",
+    "grain>=0.2.10",
+    "tensorflow-datasets>=4.9.8",
+    "array-record>=0.7.0",
+    "numpy>=1.26",
+    "absl-py>=2.1",
+    "ml-collections>=1.0",
+    "etils[epath]>=1.7",
+    "simplejpeg>=1.8",  # libjpeg-turbo decoder, NumPy in / NumPy out, no TF needed
+    "pillow>=10.0",  # PGM/PNG and other non-JPEG inputs
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    # Install torch first with `pip install torch==2.13.0` (a CPU wheel); this range then
+    # adds nothing, while a bare `torch` requirement would pull a multi-GB CUDA build.
+    "torch": [
+        "torch>=2.4",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.1",
+        "safetensors>=0.4",
+    ],
+    "test": [
+        "pytest>=8.0",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+    ],
+}
+
+setuptools.setup(
+    name="unitsface_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["unitsface_jax", "unitsface_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
