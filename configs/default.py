@@ -1,0 +1,64 @@
+"""Fields every recipe has, with the official UniTSFace CASIA-WebFace values as defaults.
+
+Recipes import this and override (flax examples style). ``get_config(arg)`` takes a comma list
+of variants; ``runlocal`` shrinks anything to a laptop-sized run.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """The base config (see module docstring)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "lresnet50_eir"
+  config.model.dtype = "float32"  # activations; parameters, head and losses are float32
+  config.model.dropout = 0.4
+  config.model.num_features = 512
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "recordio"  # recordio | tfds | image_folder | synthetic | demo
+  config.data.path = ""
+  config.data.num_classes = 10_572
+  config.data.num_images = 490_623  # for epoch-based schedules when the source cannot tell
+  config.data.skip_bad_records = False
+  config.data.num_workers = 2
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.s2c = "cosface"  # cosface | arcface | normalized_bce | uce
+  config.loss.s2c_scale = 64.0
+  config.loss.s2c_margin = 0.4
+  config.loss.s2s = "uss"  # uss | s2s_softmax | s2s_bce | none
+  config.loss.s2s_scale = 64.0
+  config.loss.s2s_margin = 0.1
+  config.loss.uss_start_epoch = 1  # epoch 0 trains sample-to-class only, filling the memory
+  config.loss.w_s2c = 1.0
+  config.loss.w_s2s = 1.0
+  config.loss.sample_rate = 1.0  # PartialFC negative sampling; 1.0 is the full head
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.lr = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.clip_norm = 10.0
+  config.optimizer.grad_accum_steps = 1
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = "multistep"  # multistep (official) | polynomial (insightface)
+  config.schedule.decay_epochs = (16, 24)
+  config.schedule.decay_factor = 0.1
+  config.schedule.warmup_epochs = 0.0
+
+  config.batch_size = 512  # global
+  config.num_epochs = 28
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.eval = ml_collections.ConfigDict()
+  config.eval.bins = ()  # insightface .bin verification sets
+  config.eval.every_steps = 2000
+  return config

@@ -1,0 +1,32 @@
+"""The bundled demo: the 40 ORL identities at 112x112, an IResNet-18, on a CPU.
+
+``--config=configs/demo.py`` trains a few epochs; ``configs/demo.py:smoke`` a few steps.
+"""
+
+from configs import default
+
+
+def get_config(arg=None):
+  """Demo recipe; variants: smoke."""
+  variants = set((arg or "").split(",")) - {""}
+  config = default.get_config()
+  config.model.name = "iresnet18"
+  config.model.dropout = 0.0
+  config.data.source = "demo"
+  config.data.path = ""
+  config.data.num_classes = 40
+  config.data.num_images = 320
+  config.data.num_workers = 0
+  config.batch_size = 32
+  config.num_epochs = 6
+  config.optimizer.lr = 0.05
+  config.schedule.decay_epochs = (4, 5)
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 20
+  config.eval.every_steps = 20
+  if "smoke" in variants:
+    config.num_epochs = 2
+    config.batch_size = 16
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 5
+  return config

@@ -1,0 +1,141 @@
+"""Backbones: architecture sizes, BatchNorm semantics, train/eval modes, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unitsface_jax import models
+from unitsface_jax.models import BatchNorm, Frozen
+
+# Published parameter counts (millions) and GMACs of insightface's IResNets.
+EXPECTED_PARAMS_M = {"iresnet18": 24.03, "iresnet34": 34.14, "iresnet50": 43.59,
+                     "iresnet100": 65.16, "iresnet200": 118.83}
+EXPECTED_GMACS = {"iresnet50": 6.31, "iresnet100": 12.09}
+
+
+def abstract(name, **kwargs):
+  return nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS_M))
+def test_iresnet_parameter_counts_match_insightface(name):
+  assert round(models.count_params(abstract(name)) / 1e6, 2) == EXPECTED_PARAMS_M[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_GMACS))
+def test_macs_per_image_within_one_percent(name):
+  macs = models.macs_per_image(abstract(name)) / 1e9
+  assert macs == pytest.approx(EXPECTED_GMACS[name], rel=0.01)
+
+
+def test_unknown_model_and_dtype_are_refused():
+  with pytest.raises(ValueError, match="unknown model 'resnet50'.*iresnet50"):
+    models.create("resnet50", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dtype"):
+    models.create("iresnet18", rngs=nnx.Rngs(0), dtype="float16")
+
+
+def test_wrong_input_shape_is_refused():
+  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\[N, 112, 112, 3\].*\(2, 3, 112, 112\)"):
+    model(jnp.zeros((2, 3, 112, 112)))
+
+
+@pytest.mark.parametrize("name,frozen_key", [("iresnet18", "features"),
+                                             ("lresnet50_eir", "bn5")])
+def test_frozen_embedding_scale_is_state_not_param(name, frozen_key):
+  model = abstract(name)
+  params = nnx.state(model, nnx.Param)
+  frozen = nnx.state(model, Frozen)
+  assert "scale" not in params[frozen_key]
+  assert list(jax.tree.leaves(frozen)) and frozen[frozen_key]["scale"].shape == (512,)
+  # Saved: the full state (what a checkpoint holds) has it.
+  assert "scale" in nnx.state(model)[frozen_key]
+
+
+def test_lresnet_init_matches_official_code():
+  model = models.create("lresnet50_eir", rngs=nnx.Rngs(0))
+  for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+    for block in stage:
+      np.testing.assert_array_equal(block.bn2.scale[...], 0.0)  # zero_init_residual
+      np.testing.assert_array_equal(block.prelu.slope[...], 0.25)
+  # Every stride-2 conv is 2x2 without padding; the stem stays 3x3.
+  assert model.layer2[0].conv2.kernel.shape == (2, 2, 128, 128)
+  assert model.layer2[0].downsample[0].kernel.shape == (2, 2, 64, 128)
+  assert model.layer2[1].conv2.kernel.shape == (3, 3, 128, 128)
+  assert model.conv1.kernel.shape == (3, 3, 3, 64)
+  # kaiming normal (a=1, fan_in): std = 1/sqrt(fan_in).
+  k = np.asarray(model.layer3[1].conv1.kernel[...])
+  assert k.std() == pytest.approx(1 / np.sqrt(9 * 256), rel=0.05)
+
+
+def test_batchnorm_matches_pytorch_training_update():
+  torch = pytest.importorskip("torch")
+  rng = np.random.RandomState(0)
+  x = rng.normal(1.5, 2.0, (4, 5, 6, 8)).astype(np.float32)
+  bn = BatchNorm(8)
+  bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+  bn.bias[...] = jnp.asarray(rng.uniform(-1, 1, 8), jnp.float32)
+  ref = torch.nn.BatchNorm2d(8, eps=1e-5, momentum=0.1)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(np.asarray(bn.scale[...])))
+    ref.bias.copy_(torch.from_numpy(np.asarray(bn.bias[...])))
+  ref.train()
+  for _ in range(2):
+    y = np.asarray(bn(jnp.asarray(x)))
+    y_ref = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], ref.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  # The running variance uses the unbiased batch variance, as PyTorch does.
+  np.testing.assert_allclose(bn.var[...], ref.running_var.numpy(), rtol=1e-5)
+  bn.use_running_average = True
+  ref.eval()
+  y = np.asarray(bn(jnp.asarray(x)))
+  y_ref = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
+  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (4, 112, 112, 3), minval=-1, maxval=1)
+  model.eval()
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  y_eval = model(x)
+  unchanged = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  jax.tree.map(np.testing.assert_array_equal, before, unchanged)
+  model.train()
+  y_train = model(x)
+  after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  assert not np.allclose(before["bn1"]["mean"], after["bn1"]["mean"])
+  assert y_eval.dtype == y_train.dtype == jnp.float32 and y_eval.shape == (4, 512)
+  assert not np.allclose(y_eval, y_train)
+
+
+def test_bfloat16_activations_keep_float32_params_and_output():
+  model = models.create("iresnet18", rngs=nnx.Rngs(0), dtype="bfloat16")
+  model.eval()
+  model32 = models.create("iresnet18", rngs=nnx.Rngs(0))
+  model32.eval()
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
+  x = jax.random.uniform(jax.random.key(2), (2, 112, 112, 3), minval=-1, maxval=1)
+  y16, y32 = model(x), model32(x)
+  assert y16.dtype == jnp.float32
+  cos = jnp.sum(y16 * y32, -1) / jnp.linalg.norm(y16, axis=-1) / jnp.linalg.norm(y32, axis=-1)
+  assert float(cos.min()) > 0.99
+
+
+def test_gradients_reach_params_but_not_frozen_scale():
+  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, rest, x):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    return jnp.mean(m(x) ** 2), nnx.state(m, nnx.BatchStat)
+
+  x = jax.random.uniform(jax.random.key(3), (2, 112, 112, 3), minval=-1, maxval=1)
+  grads, stats = jax.grad(loss, has_aux=True)(params, rest, x)
+  assert not np.allclose(stats["bn1"]["mean"][...], rest["bn1"]["mean"][...])
+  assert "scale" not in grads["features"]
+  assert float(jnp.abs(grads["conv1"]["kernel"][...]).max()) > 0

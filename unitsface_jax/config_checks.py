@@ -1,0 +1,68 @@
+"""Checks a run's ConfigDict before anything is built, naming the field that is wrong.
+
+Unknown and ill-typed ``--config.x.y=value`` overrides are refused by ml_collections'
+config_flags (which names the field); this module checks the values that are well-typed but
+meaningless (a negative batch, an unknown model, a margin outside its range).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from unitsface_jax import models
+
+S2C_LOSSES = ("cosface", "arcface", "normalized_bce", "uce")
+S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
+SCHEDULES = ("multistep", "polynomial")
+SOURCES = ("recordio", "tfds", "image_folder", "synthetic", "demo")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the run cannot use."""
+
+
+def _require(ok: bool, field: str, value, what: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field} = {value!r}: {what}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field whose value is unusable."""
+  c = config
+  _require(c.model.name in models.list_models(), "model.name", c.model.name,
+           f"must be one of {models.list_models()}")
+  _require(c.model.dtype in models.DTYPES, "model.dtype", c.model.dtype,
+           f"must be one of {sorted(models.DTYPES)}")
+  _require(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "must be in [0, 1)")
+  _require(c.model.num_features > 0, "model.num_features", c.model.num_features,
+           "must be positive")
+  _require(c.data.source in SOURCES, "data.source", c.data.source, f"must be one of {SOURCES}")
+  _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "must be >= 2")
+  _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
+  _require(c.loss.s2c in S2C_LOSSES, "loss.s2c", c.loss.s2c, f"must be one of {S2C_LOSSES}")
+  _require(c.loss.s2s in S2S_LOSSES, "loss.s2s", c.loss.s2s, f"must be one of {S2S_LOSSES}")
+  for field in ("s2c_scale", "s2s_scale"):
+    _require(c.loss[field] > 0, f"loss.{field}", c.loss[field], "must be positive")
+  for field in ("s2c_margin", "s2s_margin"):
+    _require(0.0 <= c.loss[field] < 1.0, f"loss.{field}", c.loss[field], "must be in [0, 1)")
+  _require(c.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", c.loss.uss_start_epoch,
+           "must be >= 0")
+  _require(0.0 < c.loss.sample_rate <= 1.0, "loss.sample_rate", c.loss.sample_rate,
+           "must be in (0, 1]")
+  _require(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "must be positive")
+  _require(0.0 <= c.optimizer.momentum < 1.0, "optimizer.momentum", c.optimizer.momentum,
+           "must be in [0, 1)")
+  _require(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,
+           "must be >= 0")
+  _require(c.optimizer.clip_norm >= 0, "optimizer.clip_norm", c.optimizer.clip_norm,
+           "must be >= 0 (0 disables clipping)")
+  _require(c.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
+           c.optimizer.grad_accum_steps, "must be >= 1")
+  _require(c.schedule.name in SCHEDULES, "schedule.name", c.schedule.name,
+           f"must be one of {SCHEDULES}")
+  _require(list(c.schedule.decay_epochs) == sorted(c.schedule.decay_epochs),
+           "schedule.decay_epochs", c.schedule.decay_epochs, "must be increasing")
+  _require(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+  _require(c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be >= 1")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(c[field] >= 1, field, c[field], "must be >= 1")

@@ -1,0 +1,51 @@
+"""``python -m unitsface_jax.export --params=FILE --format=torch|safetensors|onnx|npz --out=FILE``.
+
+Reads a weight file (.npz, .safetensors or a PyTorch .pth such as insightface's
+``backbone.pth``), infers the architecture unless ``--model`` names it, and writes it in the
+requested format. ``--workdir`` (the latest training checkpoint) arrives with checkpointing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from unitsface_jax.export import load_params, save_params, torch_state_dict
+
+_PARAMS = flags.DEFINE_string("params", None, "Weight file to read (.npz/.safetensors/.pth).")
+_MODEL = flags.DEFINE_string("model", None, "Architecture; inferred from the keys if unset.")
+_FORMAT = flags.DEFINE_enum("format", None, ["torch", "safetensors", "onnx", "npz"],
+                            "Output format.")
+_OUT = flags.DEFINE_string("out", None, "Output file.")
+_OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset.")
+flags.mark_flags_as_required(["params", "format", "out"])
+
+_SUFFIX = {"torch": ".pth", "safetensors": ".safetensors", "npz": ".npz"}
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    name, model = load_params(_PARAMS.value, _MODEL.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out = _OUT.value
+  if _FORMAT.value == "onnx":
+    from unitsface_jax.export.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
+    export_onnx(name, torch_state_dict(model), out, opset=_OPSET.value)
+  else:
+    suffix = _SUFFIX[_FORMAT.value]
+    if not out.endswith(suffix):
+      print(f"error: --format={_FORMAT.value} writes a {suffix} file; got --out={out}",
+            file=sys.stderr)
+      return 2
+    save_params(out, model, name)
+  print(f"wrote {name} ({_FORMAT.value}) to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

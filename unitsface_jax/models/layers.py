@@ -1,0 +1,89 @@
+"""Building blocks shared by the backbones: BatchNorm with PyTorch semantics, PReLU, convs.
+
+The layers are written so that weights cross to and from PyTorch without loss: BatchNorm keeps
+PyTorch's running-average rule (momentum 0.1 on the new value, unbiased variance in the running
+estimate), and a BatchNorm whose scale PyTorch freezes (``requires_grad = False``) stores that
+scale as a :class:`Frozen` variable, which is saved with the model but is not an
+``nnx.Param`` and so never reaches the optimiser.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+
+class Frozen(nnx.Variable):
+  """A weight that is part of the model's state but not trained (PyTorch requires_grad=False)."""
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalisation over every axis but the last (NHWC or [N, C]), PyTorch semantics.
+
+  Training mode normalises with the batch statistics and updates the running estimates as
+  ``torch.nn.BatchNorm{1,2}d`` does (``running = (1 - momentum) * running + momentum * batch``,
+  with the unbiased batch variance in the running variance). Statistics and the affine
+  transform are computed in float32; the output has the input's dtype. Under ``jax.jit`` with a
+  batch-sharded input the means are global-batch means (XLA inserts the all-reduce).
+
+  Attributes:
+    use_running_average: inference mode (set by ``model.eval()`` / ``model.train()``).
+  """
+
+  def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
+               frozen_scale: bool = False, scale_init: float = 1.0):
+    self.num_features = num_features
+    self.eps = eps
+    self.momentum = momentum
+    scale_cls = Frozen if frozen_scale else nnx.Param
+    self.scale = scale_cls(jnp.full((num_features,), scale_init, jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.use_running_average = False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.num_features:
+      raise ValueError(f"BatchNorm expects {self.num_features} channels, got shape {x.shape}")
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=axes)
+      # Two-pass variance: E[(x - mean)^2] is stable where E[x^2] - mean^2 cancels.
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    # Fold normalisation and affine into one multiply-add so XLA fuses it with its neighbours.
+    mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+    add = self.bias[...] - mean * mul
+    return (x.astype(jnp.float32) * mul + add).astype(x.dtype)
+
+
+class PReLU(nnx.Module):
+  """Per-channel PReLU (``torch.nn.PReLU(num_parameters=C)``) on the last axis."""
+
+  def __init__(self, num_features: int, *, init: float = 0.25):
+    self.slope = nnx.Param(jnp.full((num_features,), init, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    a = self.slope[...].astype(x.dtype)
+    return jnp.where(x >= 0, x, a * x)
+
+
+def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int, *,
+         kernel_init, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  """A bias-free 2-D convolution on NHWC input with explicit symmetric padding."""
+  return nnx.Conv(
+      in_features, out_features, kernel_size=(kernel, kernel), strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
+      param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
