@@ -18,7 +18,7 @@ _MODEL = flags.DEFINE_string("model", None, "Architecture; inferred from the key
 _FORMAT = flags.DEFINE_enum("format", None, ["torch", "safetensors", "onnx", "npz"],
                             "Output format.")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
-_OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset.")
+_OPSET = flags.DEFINE_integer("opset", 18, "ONNX opset.")
 flags.mark_flags_as_required(["params", "format", "out"])
 
 _SUFFIX = {"torch": ".pth", "safetensors": ".safetensors", "npz": ".npz"}

@@ -15,20 +15,22 @@ from etils import epath
 
 
 def export_onnx(model_name: str, state_dict: dict[str, np.ndarray], out, *,
-                opset: int = 17) -> None:
+                opset: int = 18) -> None:
   """Writes the ONNX inference graph of ``model_name`` with ``state_dict`` to ``out``."""
   import torch  # pylint: disable=g-import-not-at-top
   from unitsface_jax.export import torch_modules  # pylint: disable=g-import-not-at-top
 
   net = torch_modules.get_model(model_name)
-  net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()},
+  net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
                       strict=True)
   net.eval()
   dummy = torch.zeros(2, 3, 112, 112)
+  # The torch.export-based exporter gives a plain Conv/BatchNormalization/PRelu/Gemm graph
+  # with the batch axis symbolic ("N"), which insightface's tools and MFR accept.
+  program = torch.onnx.export(
+      net, (dummy,), input_names=["data"], output_names=["embedding"],
+      dynamic_shapes=({0: torch.export.Dim("N")},), opset_version=opset, dynamo=True,
+      verbose=False)
   buf = io.BytesIO()
-  # The TorchScript exporter (dynamo=False) gives the plain Conv/BN/PRelu graph insightface's
-  # tools expect, with the batch axis named dynamic.
-  torch.onnx.export(net, (dummy,), buf, input_names=["data"], output_names=["embedding"],
-                    dynamic_axes={"data": {0: "N"}, "embedding": {0: "N"}},
-                    opset_version=opset, do_constant_folding=True, dynamo=False)
+  program.save(buf)
   epath.Path(out).write_bytes(buf.getvalue())

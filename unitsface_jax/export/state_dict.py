@@ -59,7 +59,8 @@ def _mapping(model: nnx.Module) -> dict[str, tuple[nnx.Variable, Callable, Calla
 
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's weights and BN statistics under PyTorch key names and layouts (float32)."""
-  return {key: np.ascontiguousarray(to_torch(np.asarray(var[...], np.float32)))
+  # np.array copies: the results are writable, contiguous and independent of the model.
+  return {key: np.array(to_torch(np.asarray(var[...], np.float32)), order="C")
           for key, (var, to_torch, _) in _mapping(model).items()}
 
 
