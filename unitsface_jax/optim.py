@@ -1,0 +1,62 @@
+"""The optimiser and learning-rate schedules of the official recipe and of insightface.
+
+``sgd(config, steps_per_epoch)`` is torch.optim.SGD as the official code uses it: the weight
+decay is *coupled* (added to the gradient before momentum, on every parameter including the
+USS bias b), momentum without dampening, after a global-norm clip of the raw gradient
+(``clip_grad_norm_`` runs before ``optimizer.step()`` in CVI-SZU/UniTSFace ``train.py``);
+optionally accumulated over several micro-batches (optax.MultiSteps).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """The lr per optimiser step: ``multistep`` (official) or ``polynomial`` (insightface).
+
+  multistep: lr x decay_factor at each of ``schedule.decay_epochs``.
+  polynomial: linear warm-up from 0 over ``warmup_epochs``, then lr * (1 - p)^2 to 0 at the
+  end of training (insightface arcface_torch ``lr_scheduler.py`` PolynomialLRWarmup).
+  """
+  lr = config.optimizer.lr
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(round(config.schedule.warmup_epochs * steps_per_epoch))
+  if config.schedule.name == "multistep":
+    main = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch): config.schedule.decay_factor
+             for e in config.schedule.decay_epochs})
+  elif config.schedule.name == "polynomial":
+    main = optax.polynomial_schedule(lr, 0.0, power=2, transition_steps=max(total - warmup, 1))
+  else:
+    raise ValueError(f"config.schedule.name = {config.schedule.name!r}: unknown schedule")
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def sgd(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Clip -> coupled weight decay -> momentum SGD, as the official training script."""
+  parts = []
+  if config.optimizer.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.optimizer.clip_norm))
+  if config.optimizer.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(config.optimizer.weight_decay))
+  parts.append(optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+                         momentum=config.optimizer.momentum or None))
+  tx = optax.chain(*parts)
+  if config.optimizer.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.optimizer.grad_accum_steps)
+  return tx
+
+
+def clamp_prelu(params, minimum: float = 0.01):
+  """PReLU slopes clamped to >= ``minimum`` (the official ``restrict_weights()`` each step)."""
+  def clamp(path, x):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return jnp.maximum(x, minimum) if "slope" in names else x
+  return jax.tree_util.tree_map_with_path(clamp, params)
