@@ -1,0 +1,96 @@
+"""Checkpoints that lose nothing: WORKDIR/checkpoints/<step>/ with the train state, the data
+iterator and the config, saved asynchronously by orbax's CheckpointManager.
+
+Items per step:
+  state   every array of the run (backbone params, BN statistics, frozen scales, head W, M,
+          seen, b, initialized, optimiser state, step, epoch), restored with the caller's
+          target shardings so a run resumes on another device count;
+  data    the grain iterator state (one file per process), so a resumed run sees the same
+          batches it would have seen;
+  config  the run's config as JSON, for the export CLI and for humans.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class Checkpoints:
+  """Save/restore policy of a training run (keep the latest K, save every N steps)."""
+
+  def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool = True,
+               with_data: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self._with_data = with_data
+    self.every_steps = every_steps
+    item_names = ("state", "data", "config") if with_data else ("state", "config")
+    handlers = {"state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler()}
+    if with_data:
+      handlers["data"] = grain.checkpoint.CheckpointHandler()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=item_names,
+        item_handlers=handlers,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, *, data_iterator=None,
+           config: ml_collections.ConfigDict | None = None, force: bool = False) -> bool:
+    """Saves every ``every_steps`` steps (or when ``force``); returns whether a save started.
+
+    The policy is ours, not orbax's (which would also save the first step it sees), so a
+    resumed run saves at exactly the steps an uninterrupted run saves at.
+    """
+    if not force and step % self.every_steps != 0:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state),
+             "config": ocp.args.JsonSave(json.loads(config.to_json()) if config else {})}
+    if self._with_data:
+      if data_iterator is None:
+        raise ValueError("this run checkpoints its data iterator: pass data_iterator")
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> Any:
+    """Restores ``state`` at ``step`` into ``abstract_state``'s shapes, dtypes and shardings
+    (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``), and the data iterator in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if self._with_data and data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    """Blocks until async saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs with the shardings of ``tree``'s arrays (the restore target)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

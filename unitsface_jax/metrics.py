@@ -1,0 +1,44 @@
+"""Training metrics: JSON lines and TensorBoard event files in the workdir (process 0 only).
+
+TensorBoard files are written with tensorboardX, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+from etils import epath
+
+
+class MetricWriter:
+  """Appends ``{"step": s, "time": t, name: value, ...}`` lines to WORKDIR/metrics.jsonl and
+  the same scalars to TensorBoard under WORKDIR/tensorboard."""
+
+  def __init__(self, workdir, *, tensorboard: bool = True):
+    self._active = jax.process_index() == 0
+    self._path = epath.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self._active:
+      self._path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    line = {"step": int(step), "time": time.time(),
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
+    with self._path.open("a") as f:
+      f.write(json.dumps(line) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
