@@ -3,7 +3,7 @@
 The reading of TAR at a FAR follows insightface ``recognition/arcface_torch/eval_ijbc.py``:
 build the ROC of ``sklearn.metrics.roc_curve(labels, scores)``, flip it so the largest TPR
 comes first at equal FPR, and take the TPR of the point whose FPR is nearest the target.
-Here the full ROC (one point per distinct score) is computed from one sort, in memory linear
+Here the ROC is computed from one sort, in memory linear
 in the number of pairs, so tens of millions of pairs need no sklearn and no pair loop.
 """
 
@@ -16,15 +16,19 @@ import numpy as np
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The full ROC: one point per distinct score, plus the (0, 0) start.
+def roc(scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The ROC: one point per distinct score, plus the (0, 0) start.
 
-  Equals ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``: a pair is
-  accepted when its score is >= the threshold, thresholds descend.
+  Equals ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=...)``: a pair is
+  accepted when its score is >= the threshold, thresholds descend. Dropping the collinear
+  points changes which point is nearest a target FAR, so TAR readings depend on it; the
+  default matches eval_ijbc.py, which calls roc_curve with its defaults.
 
   Args:
     scores: [P] similarity (higher means same identity).
     labels: [P] 1/True for genuine pairs, 0/False for impostors.
+    drop_intermediate: drop points collinear with their neighbours (sklearn's default).
 
   Returns:
     ``(fpr, tpr, thresholds)``, float64, float64 and the score dtype.
@@ -46,6 +50,10 @@ def roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray,
   last = np.append(last, sorted_scores.size - 1)
   tps = tps_all[last]
   fps = last + 1 - tps
+  if drop_intermediate and fps.size > 2:
+    # sklearn _ranking.roc_curve: keep the ends and every point where the slope changes.
+    keep = np.flatnonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])
+    last, tps, fps = last[keep], tps[keep], fps[keep]
   fpr = np.concatenate([[0.0], fps / n_neg])
   tpr = np.concatenate([[0.0], tps / n_pos])
   thresholds = np.concatenate([[np.inf], sorted_scores[last]]).astype(
@@ -68,10 +76,10 @@ def read_tar_at_far(fpr: np.ndarray, tpr: np.ndarray,
   return out
 
 
-def tar_at_far(scores: np.ndarray, labels: np.ndarray,
-               fars: Sequence[float] = IJB_FARS) -> np.ndarray:
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float] = IJB_FARS,
+               drop_intermediate: bool = True) -> np.ndarray:
   """TAR at each FAR in ``fars`` for similarity ``scores`` of pairs with ``labels``."""
-  fpr, tpr, _ = roc(scores, labels)
+  fpr, tpr, _ = roc(scores, labels, drop_intermediate)
   return read_tar_at_far(fpr, tpr, fars)
 
 
