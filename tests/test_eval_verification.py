@@ -240,3 +240,32 @@ def test_verification_metrics_xnorm_and_tar(data_dir):
   f = fused / np.linalg.norm(fused, axis=1, keepdims=True)
   cos = np.sum(f[0::2] * f[1::2], 1)
   assert res["tar_at_far_0.001"] == _sklearn_reading(issame, cos, [1e-3])[0]
+
+
+def test_accuracies_api_runs_a_model_over_bin_files(data_dir):
+  """The training loop's call: load .bin files once, then name -> accuracy for a model."""
+  import jax
+  from flax import nnx
+  from unitsface_jax.evaluation import extract
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(14 * 14 * 3, 16, rngs=rngs)
+
+    def __call__(self, x):
+      x = x.reshape(x.shape[0], 14, 8, 14, 8, 3).mean((2, 4))
+      return self.fc(x.reshape(x.shape[0], -1))
+
+  model = Net(nnx.Rngs(0))
+  model.eval()
+  sets = verification.load_sets([data_dir / "eval" / "lfw_fold1_py2str_20pairs.bin",
+                                 data_dir / "eval" / "lfw_fold1.bin"])
+  apply_fn = extract.nnx_apply_fn(model)
+  acc = verification.accuracies(apply_fn, sets, batch_size=64)
+  assert list(acc) == ["lfw_fold1_py2str_20pairs", "lfw_fold1"]
+  x = (sets[1].images.astype(np.float32) / 255 - 0.5) / 0.5
+  emb = np.asarray(jax.jit(model)(x))
+  flip = np.asarray(jax.jit(model)(x[:, :, ::-1]))
+  want = verification.verification_metrics(emb, sets[1].issame, emb_flip=flip)
+  assert abs(acc["lfw_fold1"] - want["accuracy"]) < 1e-9
+  assert 0.5 <= acc["lfw_fold1"] <= 1.0

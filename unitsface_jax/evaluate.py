@@ -15,8 +15,6 @@ console, ``<protocol>.json`` and ROC PNGs.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
@@ -56,12 +54,12 @@ def load_model_apply_fn(model_name: str, params_path: str) -> extract.ApplyFn:
   Needs ``unitsface_jax.models.create`` and ``unitsface_jax.export.load_params``; the loaded
   weights replace the fresh ones with ``nnx.update``.
   """
-  if importlib.util.find_spec("unitsface_jax.models") is None or \
-      importlib.util.find_spec("unitsface_jax.export") is None:
-    raise app.UsageError("--params needs unitsface_jax.models and unitsface_jax.export; "
-                         "use --features with precomputed embeddings instead")
   from flax import nnx
-  from unitsface_jax import export, models
+  try:
+    from unitsface_jax import export, models
+  except ImportError as e:
+    raise app.UsageError(f"--params needs unitsface_jax.models and unitsface_jax.export ({e}); "
+                         "use --features with precomputed embeddings instead") from e
   model = models.create(model_name, rngs=nnx.Rngs(0))
   nnx.update(model, export.load_params(params_path))
   model.eval()
