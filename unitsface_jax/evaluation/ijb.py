@@ -122,12 +122,20 @@ def image_features(emb: np.ndarray, emb_flip: np.ndarray | None, faceness: np.nd
 
 
 def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray, *,
-                      chunk: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+                      image_weights: np.ndarray | None = None,
+                      chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
   """Pools image features into L2-normalised template features (eval_ijbc.py pooling).
 
   template = sum over its media of (mean of that media's images). Each image therefore
   enters with weight 1 / (images of its (template, media)), and one segmented sum over the
   images sorted by template gives every template at once.
+
+  Args:
+    feats: [N, D] image features.
+    templates, medias: [N] ids of each image.
+    image_weights: optional [N] per-image factor (D1's faceness) applied on the fly, so the
+      weighted [N, D] copy is never made.
+    chunk: images per step of the segmented sum.
 
   Returns:
     ``(unique_templates, template_feats)``: sorted ids [T] and float32 [T, D].
@@ -135,16 +143,25 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
   templates = np.asarray(templates, np.int64)
   medias = np.asarray(medias, np.int64)
   unique_t, t_idx = np.unique(templates, return_inverse=True)
-  _, tm_idx, tm_count = np.unique(np.stack([t_idx, medias], 1), axis=0,
+  _, m_idx = np.unique(medias, return_inverse=True)
+  # One int64 key per (template, media): 1-D unique is much faster than unique(axis=0).
+  _, tm_idx, tm_count = np.unique(t_idx.astype(np.int64) * (int(m_idx.max()) + 1) + m_idx,
                                   return_inverse=True, return_counts=True)
-  weight = (1.0 / tm_count[tm_idx.ravel()]).astype(np.float64)
+  weight = (1.0 / tm_count[tm_idx]).astype(np.float32)
+  if image_weights is not None:
+    weight = weight * np.asarray(image_weights, np.float32)
+  feats = np.asarray(feats, np.float32)
   order = np.argsort(t_idx, kind="stable")
-  sorted_t = t_idx[order]
   pooled = np.zeros((unique_t.size, feats.shape[1]), np.float64)
+  # One small reused buffer: fresh multi-MB temporaries per chunk cost more in page faults
+  # than the arithmetic (measured: 2,048-row chunks are 3x faster than 32,768).
+  buf = np.empty((min(chunk, order.size), feats.shape[1]), np.float32)
   for a in range(0, order.size, chunk):
     idx = order[a:a + chunk]
-    block = feats[idx].astype(np.float64) * weight[idx, None]
-    seg_t = sorted_t[a:a + chunk]
+    block = buf[:idx.size]
+    np.take(feats, idx, axis=0, out=block)
+    block *= weight[idx, None]
+    seg_t = t_idx[idx]
     starts = np.flatnonzero(np.r_[True, seg_t[1:] != seg_t[:-1]])
     # Templates cut by a chunk boundary get two partial sums; add.at accumulates both.
     np.add.at(pooled, seg_t[starts], np.add.reduceat(block, starts, axis=0))
@@ -272,8 +289,10 @@ def evaluate_features(meta: IJBMeta, emb: np.ndarray, emb_flip: np.ndarray | Non
                       use_flip_test: bool = True) -> dict:
   """1:1 (and 1:N when its meta files exist) from raw image features in meta order."""
   feats = image_features(emb, emb_flip, meta.faceness, use_norm_score=use_norm_score,
-                         use_detector_score=use_detector_score, use_flip_test=use_flip_test)
-  unique_t, tfeats = template_features(feats, meta.templates, meta.medias)
+                         use_detector_score=False, use_flip_test=use_flip_test)
+  unique_t, tfeats = template_features(
+      feats, meta.templates, meta.medias,
+      image_weights=meta.faceness if use_detector_score else None)
   scores = pair_scores(tfeats, unique_t, meta.pair_t1, meta.pair_t2)
   res = {"target": meta.target, "mode": _mode(use_norm_score, use_detector_score,
                                               use_flip_test),
