@@ -7,7 +7,6 @@ import sys
 import types
 
 import numpy as np
-import pytest
 from flax import nnx
 
 from unitsface_jax.evaluation import ijb, report, verification
