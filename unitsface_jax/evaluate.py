@@ -1,0 +1,177 @@
+r"""Command line evaluation: verification sets, IJB-B/C or MegaFace, from a model or features.
+
+  python -m unitsface_jax.evaluate --protocol=verification \
+      --data=lfw.bin,cfp_fp.bin,agedb_30.bin --params=model.msgpack --model=iresnet50
+  python -m unitsface_jax.evaluate --protocol=verification --data=lfw.bin --features=lfw.npz
+  python -m unitsface_jax.evaluate --protocol=ijb --data=IJB_release/IJBC --features=ijbc.npz
+  python -m unitsface_jax.evaluate --protocol=megaface --data=feature_out \
+      --facescrub_list=facescrub_lst --megaface_list=megaface_lst --algo=insightface
+
+Embeddings files (``--features``) are ``.npz`` with ``embeddings`` [N, D] (raw f(x), in the
+order of the .bin images or of the IJB meta files), optionally ``embeddings_flip`` (raw
+f(flip x)) and, for verification, ``issame``. Results go to ``--out``: a table on the
+console, ``<protocol>.json`` and ROC PNGs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+
+from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("protocol", "verification", ["verification", "ijb", "megaface"],
+                  "Evaluation protocol.")
+flags.DEFINE_list("data", [], "verification: .bin files or LFW-style image folders (with "
+                  "--pairs); ijb: the IJB folder (with meta/ and loose_crop/); megaface: the "
+                  "devkit feature folder.")
+flags.DEFINE_string("features", None, "An .npz of precomputed embeddings (no model needed).")
+flags.DEFINE_string("params", None, "Model weights for unitsface_jax.export.load_params.")
+flags.DEFINE_string("model", "iresnet50", "Backbone name for unitsface_jax.models.create.")
+flags.DEFINE_string("out", "eval_results", "Output folder for JSON and ROC plots.")
+flags.DEFINE_integer("batch_size", 128, "Global batch for embedding extraction.")
+flags.DEFINE_integer("nfolds", 10, "Folds for verification accuracy.")
+flags.DEFINE_string("pairs", None, "pairs.txt for image-folder verification data.")
+flags.DEFINE_list("folds", [], "Folds (1-based) of --pairs to use; default all.")
+flags.DEFINE_enum("crop", "center", ["center", "aligned"], "Image-folder crop (see load_pairs).")
+flags.DEFINE_enum("target", "IJBC", ["IJBB", "IJBC"], "IJB target.")
+flags.DEFINE_bool("norm_score", True, "IJB N1: keep the feature norm as a quality weight.")
+flags.DEFINE_bool("detector_score", True, "IJB D1: weight features by faceness.")
+flags.DEFINE_bool("flip_test", True, "Flip fusion f(x) + f(flip x).")
+flags.DEFINE_string("facescrub_list", None, "MegaFace devkit FaceScrub list.")
+flags.DEFINE_string("megaface_list", None, "MegaFace devkit distractor list.")
+flags.DEFINE_string("algo", "insightface", "MegaFace feature file suffix.")
+flags.DEFINE_string("facescrub_noises", None, "Published FaceScrub noise list.")
+flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
+flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
+
+
+def load_model_apply_fn(model_name: str, params_path: str) -> extract.ApplyFn:
+  """A pure apply_fn of backbone ``model_name`` with the weights in ``params_path``.
+
+  Needs ``unitsface_jax.models.create`` and ``unitsface_jax.export.load_params``; the loaded
+  weights replace the fresh ones with ``nnx.update``.
+  """
+  from flax import nnx
+  try:
+    from unitsface_jax import export, models
+  except ImportError as e:
+    raise app.UsageError(f"--params needs unitsface_jax.models and unitsface_jax.export ({e}); "
+                         "use --features with precomputed embeddings instead") from e
+  model = models.create(model_name, rngs=nnx.Rngs(0))
+  nnx.update(model, export.load_params(params_path))
+  model.eval()
+  return extract.nnx_apply_fn(model)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  # allow_pickle=False: an .npz holding object arrays is refused, never unpickled.
+  with np.load(epath.Path(path).open("rb"), allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def run_verification(apply_fn) -> dict:
+  results = {}
+  if FLAGS.features:
+    if len(FLAGS.data) > 1:
+      raise app.UsageError("--features holds one set; pass one --data entry (or none)")
+    z = _load_npz(FLAGS.features)
+    if "issame" in z:
+      issame = z["issame"].astype(bool)
+    elif FLAGS.data:
+      issame = verification.read_bin(FLAGS.data[0])[1]
+    else:
+      raise app.UsageError("the .npz has no issame; pass the .bin as --data")
+    name = epath.Path(FLAGS.data[0]).stem if FLAGS.data else epath.Path(FLAGS.features).stem
+    flip = z.get("embeddings_flip") if FLAGS.flip_test else None
+    results[name] = verification.verification_metrics(z["embeddings"], issame, emb_flip=flip,
+                                                      nfolds=FLAGS.nfolds)
+  else:
+    for entry in FLAGS.data:
+      path = epath.Path(entry)
+      if path.is_dir():
+        if not FLAGS.pairs:
+          raise app.UsageError(f"{entry} is a folder; pass --pairs=pairs.txt")
+        folds = [int(f) for f in FLAGS.folds] or None
+        data = verification.load_pairs(path, FLAGS.pairs, crop=FLAGS.crop, folds=folds,
+                                       name=path.name)
+      else:
+        data = verification.load_bin(path)
+      results[data.name] = verification.evaluate_set(
+          apply_fn, data, batch_size=FLAGS.batch_size, nfolds=FLAGS.nfolds,
+          flip=FLAGS.flip_test)
+  cols = ["accuracy", "std", "tar_at_far_0.001"]
+  print(report.format_table(results, cols))
+  print(report.format_table({k: {"xnorm": v["xnorm"]} for k, v in results.items()},
+                            ["xnorm"], percent=False))
+  report.plot_roc({k: (v["roc_fpr"], v["roc_tpr"]) for k, v in results.items()},
+                  epath.Path(FLAGS.out) / "verification_roc.png", title="Verification ROC",
+                  xlim=(1e-4, 1.0))
+  return results
+
+
+def run_ijb(apply_fn) -> dict:
+  if len(FLAGS.data) != 1:
+    raise app.UsageError("--data must name one IJB folder")
+  root = FLAGS.data[0]
+  kw = dict(use_norm_score=FLAGS.norm_score, use_detector_score=FLAGS.detector_score,
+            use_flip_test=FLAGS.flip_test)
+  if FLAGS.features:
+    z = _load_npz(FLAGS.features)
+    meta = ijb.read_meta(root, FLAGS.target)
+    if z["embeddings"].shape[0] != meta.image_names.size:
+      raise app.UsageError(f"{FLAGS.features}: {z['embeddings'].shape[0]} rows for "
+                           f"{meta.image_names.size} images")
+    res = ijb.evaluate_features(meta, z["embeddings"], z.get("embeddings_flip"), **kw)
+  else:
+    res = ijb.evaluate(apply_fn, root, FLAGS.target, batch_size=FLAGS.batch_size, **kw)
+  name = f"{FLAGS.target}-{res['mode']}"
+  print(report.format_table({name: res["verification"]["tar_at_far"]}))
+  if "identification" in res:
+    ident = res["identification"]
+    print(report.format_table({name: {**{k: ident[k] for k in ("rank1", "rank5", "rank10")},
+                                      **{f"tpir@{k}": v for k, v in
+                                         ident["tpir_at_fpir"].items()}}}))
+  v = res["verification"]
+  report.plot_roc({name: (v["roc_fpr"], v["roc_tpr"])},
+                  epath.Path(FLAGS.out) / f"{FLAGS.target.lower()}_roc.png",
+                  title=f"ROC on {FLAGS.target}", ylim=(0.3, 1.0), xlim=(1e-6, 0.1))
+  return res
+
+
+def run_megaface() -> dict:
+  if len(FLAGS.data) != 1 or not FLAGS.facescrub_list or not FLAGS.megaface_list:
+    raise app.UsageError("megaface needs --data=FEATURE_DIR, --facescrub_list, --megaface_list")
+  res = megaface.evaluate_devkit(FLAGS.data[0], FLAGS.facescrub_list, FLAGS.megaface_list,
+                                 algo=FLAGS.algo, facescrub_noises=FLAGS.facescrub_noises,
+                                 megaface_noises=FLAGS.megaface_noises,
+                                 num_distractors=FLAGS.num_distractors)
+  print(report.format_table({"megaface": {"rank1": res["rank1"],
+                                          "tar@1e-6": res["tar_at_far_1e-06"]}}))
+  return res
+
+
+def main(argv):
+  del argv
+  if not FLAGS.data:
+    raise app.UsageError("--data is required")
+  apply_fn = None
+  if FLAGS.protocol != "megaface" and not FLAGS.features:
+    if not FLAGS.params:
+      raise app.UsageError("pass --params (a model) or --features (precomputed embeddings)")
+    apply_fn = load_model_apply_fn(FLAGS.model, FLAGS.params)
+  if FLAGS.protocol == "verification":
+    res = run_verification(apply_fn)
+  elif FLAGS.protocol == "ijb":
+    res = run_ijb(apply_fn)
+  else:
+    res = run_megaface()
+  path = report.write_json(FLAGS.out, FLAGS.protocol, res)
+  logging.info("wrote %s", path)
+  print(f"results: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,324 @@
+"""IJB-B / IJB-C: template-based 1:1 verification and 1:N identification.
+
+The protocol is insightface ``recognition/arcface_torch/eval_ijbc.py`` (1:1) and
+``recognition/_evaluation_/ijb/ijb_1n.py`` (1:N), on the ``IJB_release/IJB{B,C}`` layout:
+``meta/<t>_face_tid_mid.txt`` (image, template, media), ``meta/<t>_name_5pts_score.txt``
+(image, 5 landmarks, faceness), ``meta/<t>_template_pair_label.txt`` (tid1, tid2, label),
+``loose_crop/<image>``, and for 1:N ``meta/<t>_1N_gallery_{G1,G2|S1,S2}.csv`` and
+``meta/<t>_1N_probe_mixed.csv``. Image features follow the N/D/F switches (keep the norm,
+weight by faceness, add the flipped image's feature); a template is the sum over its media
+of the mean over each media's images, L2-normalised; a pair's score is the cosine.
+
+Scoring is vectorised: template features are pooled with one segmented reduction, and pair
+scores come from blocked matrix products over the templates that the pairs use, so 15.7M
+IJB-C pairs take seconds and a bounded amount of memory (see benchmarks/ijb.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import simplejpeg
+from etils import epath
+
+from unitsface_jax.evaluation import _align, extract, metrics
+
+
+@dataclasses.dataclass
+class IJBMeta:
+  """The meta files of one IJB target, as arrays in file order."""
+  target: str
+  image_names: np.ndarray  # [N] str
+  templates: np.ndarray  # [N] int64 template id of each image
+  medias: np.ndarray  # [N] int64 media id of each image
+  landmarks: np.ndarray  # [N, 5, 2] float32
+  faceness: np.ndarray  # [N] float32
+  pair_t1: np.ndarray  # [P] int64
+  pair_t2: np.ndarray  # [P] int64
+  pair_label: np.ndarray  # [P] int8
+  gallery: tuple[np.ndarray, np.ndarray] | None = None  # (templates, subjects)
+  probe: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _read_columns(path: epath.Path) -> list[list[str]]:
+  return [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _read_1n_csv(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
+  # ijb_1n.py: header line, comma separated, TEMPLATE_ID and SUBJECT_ID first.
+  rows = [ln.split(",") for ln in path.read_text().splitlines()[1:] if ln.strip()]
+  return (np.array([int(r[0]) for r in rows], np.int64),
+          np.array([int(r[1]) for r in rows], np.int64))
+
+
+def read_meta(root: str | epath.PathLike, target: str = "IJBC") -> IJBMeta:
+  """Reads the meta files of ``root`` (an ``IJB_release/IJBC``-style folder)."""
+  if target not in ("IJBB", "IJBC"):
+    raise ValueError(f"target must be IJBB or IJBC, got {target!r}")
+  meta = epath.Path(root) / "meta"
+  t = target.lower()
+  tid_mid = _read_columns(meta / f"{t}_face_tid_mid.txt")
+  lmk = _read_columns(meta / f"{t}_name_5pts_score.txt")
+  if len(tid_mid) != len(lmk):
+    raise ValueError(f"{meta}: {len(tid_mid)} images in tid_mid, {len(lmk)} in 5pts_score")
+  names = np.array([r[0] for r in tid_mid])
+  # eval_ijbc.py reads the two files in parallel by line; check that they agree.
+  if any(a[0] != b[0] for a, b in zip(tid_mid, lmk)):
+    raise ValueError(f"{meta}: tid_mid and 5pts_score list images in different orders")
+  pairs = np.loadtxt(meta / f"{t}_template_pair_label.txt", dtype=np.int64, ndmin=2)
+  gallery = probe = None
+  g_names = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+  g_paths = [meta / f"{t}_1N_gallery_{g}.csv" for g in g_names]
+  p_path = meta / f"{t}_1N_probe_mixed.csv"
+  if all(p.exists() for p in g_paths) and p_path.exists():
+    parts = [_read_1n_csv(p) for p in g_paths]
+    gallery = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    probe = _read_1n_csv(p_path)
+  return IJBMeta(
+      target=target, image_names=names,
+      templates=np.array([int(r[1]) for r in tid_mid], np.int64),
+      medias=np.array([int(r[2]) for r in tid_mid], np.int64),
+      landmarks=np.array([[float(x) for x in r[1:11]] for r in lmk], np.float32).reshape(-1, 5, 2),
+      faceness=np.array([float(r[-1]) for r in lmk], np.float32),
+      pair_t1=pairs[:, 0], pair_t2=pairs[:, 1], pair_label=pairs[:, 2].astype(np.int8),
+      gallery=gallery, probe=probe)
+
+
+def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, chunk: int = 256,
+                  image_size: int = 112, num_threads: int = 4) -> Iterator[np.ndarray]:
+  """Yields uint8 [<=chunk, 112, 112, 3] crops of ``loose_crop`` images, aligned by landmarks.
+
+  JPEG decoding (libjpeg-turbo) and the NumPy warp release the GIL, so a few threads overlap
+  them; the order of the meta files is kept.
+  """
+  crop_dir = epath.Path(root) / "loose_crop"
+
+  def one(i: int) -> np.ndarray:
+    img = simplejpeg.decode_jpeg((crop_dir / meta.image_names[i]).read_bytes(),
+                                 colorspace="RGB")
+    return _align.norm_crop(img, meta.landmarks[i], image_size)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    for a in range(0, meta.image_names.size, chunk):
+      yield np.stack(list(pool.map(one, range(a, min(a + chunk, meta.image_names.size)))))
+
+
+def image_features(emb: np.ndarray, emb_flip: np.ndarray | None, faceness: np.ndarray, *,
+                   use_norm_score: bool = True, use_detector_score: bool = True,
+                   use_flip_test: bool = True) -> np.ndarray:
+  """eval_ijbc.py's N/D/F switches applied to raw image features.
+
+  F1: f(x) + f(flip x); N0: L2-normalise each image (N1 keeps the norm as a quality
+  weight); D1: multiply by the detector's faceness score.
+  """
+  feats = np.asarray(emb, np.float32)
+  if use_flip_test:
+    if emb_flip is None:
+      raise ValueError("use_flip_test needs the flipped features")
+    feats = feats + emb_flip
+  if not use_norm_score:
+    feats = extract.l2_normalize(feats)
+  if use_detector_score:
+    feats = feats * np.asarray(faceness, np.float32)[:, None]
+  return feats
+
+
+def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray, *,
+                      image_weights: np.ndarray | None = None,
+                      chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+  """Pools image features into L2-normalised template features (eval_ijbc.py pooling).
+
+  template = sum over its media of (mean of that media's images). Each image therefore
+  enters with weight 1 / (images of its (template, media)), and one segmented sum over the
+  images sorted by template gives every template at once.
+
+  Args:
+    feats: [N, D] image features.
+    templates, medias: [N] ids of each image.
+    image_weights: optional [N] per-image factor (D1's faceness) applied on the fly, so the
+      weighted [N, D] copy is never made.
+    chunk: images per step of the segmented sum.
+
+  Returns:
+    ``(unique_templates, template_feats)``: sorted ids [T] and float32 [T, D].
+  """
+  templates = np.asarray(templates, np.int64)
+  medias = np.asarray(medias, np.int64)
+  unique_t, t_idx = np.unique(templates, return_inverse=True)
+  _, m_idx = np.unique(medias, return_inverse=True)
+  # One int64 key per (template, media): 1-D unique is much faster than unique(axis=0).
+  _, tm_idx, tm_count = np.unique(t_idx.astype(np.int64) * (int(m_idx.max()) + 1) + m_idx,
+                                  return_inverse=True, return_counts=True)
+  weight = (1.0 / tm_count[tm_idx]).astype(np.float32)
+  if image_weights is not None:
+    weight = weight * np.asarray(image_weights, np.float32)
+  feats = np.asarray(feats, np.float32)
+  order = np.argsort(t_idx, kind="stable")
+  pooled = np.zeros((unique_t.size, feats.shape[1]), np.float64)
+  # One small reused buffer: fresh multi-MB temporaries per chunk cost more in page faults
+  # than the arithmetic (measured: 2,048-row chunks are 3x faster than 32,768).
+  buf = np.empty((min(chunk, order.size), feats.shape[1]), np.float32)
+  for a in range(0, order.size, chunk):
+    idx = order[a:a + chunk]
+    block = buf[:idx.size]
+    np.take(feats, idx, axis=0, out=block)
+    block *= weight[idx, None]
+    seg_t = t_idx[idx]
+    starts = np.flatnonzero(np.r_[True, seg_t[1:] != seg_t[:-1]])
+    # Templates cut by a chunk boundary get two partial sums; add.at accumulates both.
+    np.add.at(pooled, seg_t[starts], np.add.reduceat(block, starts, axis=0))
+  return unique_t, extract.l2_normalize(pooled).astype(np.float32)
+
+
+def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np.ndarray,
+                t2: np.ndarray, *, memory_bytes: int = 512 << 20) -> np.ndarray:
+  """Cosine scores of template pairs, in bounded memory.
+
+  Pairs are grouped by blocks of first-side templates; each block's scores against every
+  second-side template in use come from one matrix product (BLAS), and the pairs read their
+  entries from it. When the pairs cover only a small fraction of that grid, the rows are
+  gathered and dotted instead.
+
+  Args:
+    template_feats: [T, D] L2-normalised template features.
+    unique_templates: [T] sorted template ids of the rows.
+    t1, t2: [P] template ids.
+    memory_bytes: budget for one block of the score grid.
+
+  Returns:
+    float32 [P] scores.
+  """
+  feats = np.asarray(template_feats, np.float32)
+  r1 = _template_rows(unique_templates, t1)
+  r2 = _template_rows(unique_templates, t2)
+  used1 = np.bincount(r1, minlength=unique_templates.size) > 0
+  used2 = np.bincount(r2, minlength=unique_templates.size) > 0
+  rows1, rows2 = np.flatnonzero(used1), np.flatnonzero(used2)
+  scores = np.empty(r1.size, np.float32)
+  if r1.size / (rows1.size * rows2.size) < 0.02:
+    step = max(1, memory_bytes // (8 * feats.shape[1] * 4))
+    for a in range(0, r1.size, step):
+      scores[a:a + step] = np.einsum("ij,ij->i", feats[r1[a:a + step]], feats[r2[a:a + step]])
+    return scores
+  pos1 = np.cumsum(used1) - 1  # row of a template among the used first-side templates
+  pos2 = (np.cumsum(used2) - 1)[r2]
+  cols = feats[rows2]
+  rows_per_block = max(1, memory_bytes // (4 * rows2.size))
+  block = pos1[r1] // rows_per_block
+  n_blocks = int(block.max()) + 1
+  if n_blocks == 1:
+    grid = feats[rows1] @ cols.T
+    return grid[pos1[r1], pos2]
+  # Few blocks: a stable sort on the small block index groups the pairs in linear time.
+  order = np.argsort(block.astype(np.uint16 if n_blocks < 65536 else np.int64), kind="stable")
+  bounds = np.searchsorted(block[order], np.arange(n_blocks + 1))
+  for b in range(n_blocks):
+    sel = order[bounds[b]:bounds[b + 1]]
+    if sel.size == 0:
+      continue
+    lo = b * rows_per_block
+    grid = feats[rows1[lo:lo + rows_per_block]] @ cols.T
+    scores[sel] = grid[pos1[r1[sel]] - lo, pos2[sel]]
+  return scores
+
+
+def _template_rows(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  rows = np.searchsorted(unique_templates, ids)
+  rows = np.minimum(rows, unique_templates.size - 1)
+  bad = unique_templates[rows] != ids
+  if bad.any():
+    raise ValueError(f"{int(bad.sum())} pairs name templates without images, e.g. "
+                     f"{ids[np.flatnonzero(bad)[0]]}")
+  return rows
+
+
+def verification_metrics(scores: np.ndarray, labels: np.ndarray,
+                         fars: Sequence[float] = metrics.IJB_FARS) -> dict:
+  """TAR at each FAR (eval_ijbc.py's table), the AUC, and ROC points for the plot."""
+  fpr, tpr, _ = metrics.roc(scores, labels)
+  tars = metrics.read_tar_at_far(fpr, tpr, fars)
+  plot_fpr, plot_tpr = metrics.roc_for_plot(fpr, tpr)
+  return {"tar_at_far": {f"{far:g}": float(t) for far, t in zip(fars, tars)},
+          "auc": float(np.trapezoid(tpr, fpr)), "num_pairs": int(np.size(scores)),
+          "roc_fpr": plot_fpr, "roc_tpr": plot_tpr}
+
+
+def identification_metrics(template_feats: np.ndarray, unique_templates: np.ndarray,
+                           gallery: tuple[np.ndarray, np.ndarray],
+                           probe: tuple[np.ndarray, np.ndarray],
+                           fpirs: Sequence[float] = (0.01, 0.1)) -> dict:
+  """1:N closed-set rank-k and TPIR at FPIR, as ijb_1n.py ``evaluation`` computes them.
+
+  Gallery and probe are (template ids, subject ids); each subject must have one gallery
+  template. TPIR@FPIR: the threshold is the ceil(n_probe * FPIR)-th highest non-mated
+  similarity over all probe x gallery pairs; TPIR is the share of mated scores above it.
+  """
+  g_t, g_s = gallery
+  p_t, p_s = probe
+  g_t, first = np.unique(g_t, return_index=True)
+  g_s = g_s[first]
+  p_t, first = np.unique(p_t, return_index=True)
+  p_s = p_s[first]
+  subj, counts = np.unique(g_s, return_counts=True)
+  if (counts != 1).any():
+    raise ValueError("each gallery subject needs exactly one template")
+  mate = np.searchsorted(subj, p_s)
+  mate = np.minimum(mate, subj.size - 1)
+  if (subj[mate] != p_s).any():
+    raise ValueError("a probe subject has no gallery template")
+  gal_row = np.argsort(g_s)[mate]  # gallery row of each probe's mate
+  gf = template_feats[_template_rows(unique_templates, g_t)]
+  pf = template_feats[_template_rows(unique_templates, p_t)]
+  sim = pf @ gf.T
+  n_probe = p_t.size
+  mated = sim[np.arange(n_probe), gal_row].copy()
+  # Rank of the mate: how many gallery entries score strictly higher, plus one.
+  rank = (sim > mated[:, None]).sum(1) + 1
+  res = {f"rank{k}": float(np.mean(rank <= k)) for k in (1, 5, 10)}
+  sim[np.arange(n_probe), gal_row] = -np.inf
+  nonmated = sim.ravel()
+  need = [int(np.ceil(n_probe * f)) for f in fpirs]
+  kmax = min(max(need), nonmated.size)
+  top = np.sort(np.partition(nonmated, nonmated.size - kmax)[-kmax:])[::-1]
+  res["tpir_at_fpir"] = {f"{f:g}": float(np.mean(mated > top[min(k, kmax) - 1]))
+                         for f, k in zip(fpirs, need)}
+  res["num_probes"], res["num_gallery"] = n_probe, int(g_t.size)
+  return res
+
+
+def evaluate_features(meta: IJBMeta, emb: np.ndarray, emb_flip: np.ndarray | None, *,
+                      use_norm_score: bool = True, use_detector_score: bool = True,
+                      use_flip_test: bool = True) -> dict:
+  """1:1 (and 1:N when its meta files exist) from raw image features in meta order."""
+  feats = image_features(emb, emb_flip, meta.faceness, use_norm_score=use_norm_score,
+                         use_detector_score=False, use_flip_test=use_flip_test)
+  unique_t, tfeats = template_features(
+      feats, meta.templates, meta.medias,
+      image_weights=meta.faceness if use_detector_score else None)
+  scores = pair_scores(tfeats, unique_t, meta.pair_t1, meta.pair_t2)
+  res = {"target": meta.target, "mode": _mode(use_norm_score, use_detector_score,
+                                              use_flip_test),
+         "verification": verification_metrics(scores, meta.pair_label)}
+  if meta.gallery is not None and meta.probe is not None:
+    res["identification"] = identification_metrics(tfeats, unique_t, meta.gallery, meta.probe)
+  return res
+
+
+def _mode(n: bool, d: bool, f: bool) -> str:
+  return f"N{int(n)}D{int(d)}F{int(f)}"
+
+
+def evaluate(apply_fn: extract.ApplyFn, root: str | epath.PathLike, target: str = "IJBC", *,
+             batch_size: int = 128, use_norm_score: bool = True, use_detector_score: bool = True,
+             use_flip_test: bool = True, progress: bool = True) -> dict:
+  """Aligns, embeds and scores an IJB folder with ``apply_fn``."""
+  meta = read_meta(root, target)
+  emb, emb_flip = extract.extract_raw(apply_fn, aligned_crops(root, meta),
+                                      num_images=meta.image_names.size,
+                                      batch_size=batch_size, flip=use_flip_test,
+                                      desc=target, progress=progress)
+  return evaluate_features(meta, emb, emb_flip, use_norm_score=use_norm_score,
+                           use_detector_score=use_detector_score, use_flip_test=use_flip_test)
