@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "simplejpeg>=1.8",  # libjpeg-turbo decoder, NumPy in / NumPy out, no TF needed
     "pillow>=10.0",  # PGM/PNG and other non-JPEG inputs
     "tqdm>=4.66",
+    "matplotlib>=3.8",  # ROC curves in evaluation reports
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS_REQUIRE = {
@@ -34,7 +36,6 @@ EXTRAS_REQUIRE = {
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "scikit-learn>=1.4",
-        "matplotlib>=3.8",
     ],
 }
 

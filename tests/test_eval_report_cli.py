@@ -4,9 +4,9 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from unitsface_jax.evaluation import ijb, report, verification
@@ -67,25 +67,28 @@ def test_cli_verification_and_ijb_from_features(data_dir, tmp_path):
   assert proc.returncode != 0 and "--params" in proc.stderr
 
 
-class _Net(nnx.Module):
-  def __init__(self, rngs):
-    self.fc = nnx.Linear(3, 4, rngs=rngs)
+def test_cli_params_path_runs_a_real_backbone(data_dir, tmp_path):
+  """--params: the backbone stored in a weight file embeds the .bin images end to end."""
+  from unitsface_jax import export, models
+  from unitsface_jax.evaluation import extract
 
-  def __call__(self, x):
-    return self.fc(x.mean(axis=(1, 2)))
-
-
-def test_params_path_builds_the_model_and_loads_weights(monkeypatch):
-  """--params against the interface models.create(name, rngs) + export.load_params(path)."""
-  from unitsface_jax import evaluate
-
-  trained = _Net(nnx.Rngs(7))
-  models = types.ModuleType("unitsface_jax.models")
-  models.create = lambda name, *, rngs: _Net(rngs) if name == "tiny" else None
-  export = types.ModuleType("unitsface_jax.export")
-  export.load_params = lambda path: nnx.state(trained) if path == "w.bin" else None
-  monkeypatch.setitem(sys.modules, "unitsface_jax.models", models)
-  monkeypatch.setitem(sys.modules, "unitsface_jax.export", export)
-  apply_fn = evaluate.load_model_apply_fn("tiny", "w.bin")
-  x = np.random.default_rng(0).normal(size=(2, 112, 112, 3)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(apply_fn(x)), np.asarray(trained(x)), atol=1e-6)
+  model = models.create("iresnet18", rngs=nnx.Rngs(3))
+  weights = tmp_path / "w.npz"
+  export.save_params(weights, model, "iresnet18")
+  bin_path = data_dir / "eval" / "lfw_fold1_py2str_20pairs.bin"
+  out = tmp_path / "out"
+  proc = _run_cli("--protocol=verification", f"--data={bin_path}", f"--params={weights}",
+                  f"--out={out}", "--batch_size=40", "--nfolds=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads((out / "verification.json").read_text())
+  (result,) = got.values()
+  # The same numbers from the library with the same weights.
+  model.eval()
+  sets = verification.load_sets([bin_path])
+  want = verification.evaluate_sets(extract.nnx_apply_fn(model), sets, batch_size=40,
+                                    nfolds=2)
+  (expected,) = want.values()
+  assert result["accuracy"] == pytest.approx(expected["accuracy"])
+  proc = _run_cli("--protocol=verification", f"--data={bin_path}",
+                  f"--params={tmp_path / 'nope.npz'}", f"--out={out}")
+  assert proc.returncode != 0 and "nope.npz" in proc.stderr

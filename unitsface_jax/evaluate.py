@@ -1,7 +1,7 @@
 r"""Command line evaluation: verification sets, IJB-B/C or MegaFace, from a model or features.
 
   python -m unitsface_jax.evaluate --protocol=verification \
-      --data=lfw.bin,cfp_fp.bin,agedb_30.bin --params=model.msgpack --model=iresnet50
+      --data=lfw.bin,cfp_fp.bin,agedb_30.bin --params=backbone.pth
   python -m unitsface_jax.evaluate --protocol=verification --data=lfw.bin --features=lfw.npz
   python -m unitsface_jax.evaluate --protocol=ijb --data=IJB_release/IJBC --features=ijbc.npz
   python -m unitsface_jax.evaluate --protocol=megaface --data=feature_out \
@@ -28,8 +28,10 @@ flags.DEFINE_list("data", [], "verification: .bin files or LFW-style image folde
                   "--pairs); ijb: the IJB folder (with meta/ and loose_crop/); megaface: the "
                   "devkit feature folder.")
 flags.DEFINE_string("features", None, "An .npz of precomputed embeddings (no model needed).")
-flags.DEFINE_string("params", None, "Model weights for unitsface_jax.export.load_params.")
-flags.DEFINE_string("model", "iresnet50", "Backbone name for unitsface_jax.models.create.")
+flags.DEFINE_string("params", None, "Model weights (.npz/.safetensors/.pth, e.g. insightface's "
+                    "backbone.pth).")
+flags.DEFINE_string("model", None, "Backbone name; by default the one stored with the weights "
+                    "or inferred from their key names.")
 flags.DEFINE_string("out", "eval_results", "Output folder for JSON and ROC plots.")
 flags.DEFINE_integer("batch_size", 128, "Global batch for embedding extraction.")
 flags.DEFINE_integer("nfolds", 10, "Folds for verification accuracy.")
@@ -48,20 +50,18 @@ flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
 flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
 
 
-def load_model_apply_fn(model_name: str, params_path: str) -> extract.ApplyFn:
-  """A pure apply_fn of backbone ``model_name`` with the weights in ``params_path``.
+def load_model_apply_fn(model_name: str | None, params_path: str) -> extract.ApplyFn:
+  """A pure apply_fn of the backbone stored in ``params_path`` (.npz/.safetensors/.pth).
 
-  Needs ``unitsface_jax.models.create`` and ``unitsface_jax.export.load_params``; the loaded
-  weights replace the fresh ones with ``nnx.update``.
+  The architecture is the one stored with the weights, else ``model_name``, else inferred
+  from the PyTorch key names (so insightface's ``backbone.pth`` works as it is).
   """
-  from flax import nnx
+  from unitsface_jax import export  # pylint: disable=g-import-not-at-top
   try:
-    from unitsface_jax import export, models
-  except ImportError as e:
-    raise app.UsageError(f"--params needs unitsface_jax.models and unitsface_jax.export ({e}); "
-                         "use --features with precomputed embeddings instead") from e
-  model = models.create(model_name, rngs=nnx.Rngs(0))
-  nnx.update(model, export.load_params(params_path))
+    name, model = export.load_params(params_path, model_name)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  logging.info("loaded %s from %s", name, params_path)
   model.eval()
   return extract.nnx_apply_fn(model)
 
