@@ -12,15 +12,17 @@ def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.num_devices = 0  # 0: every device of every process
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lresnet50_eir"
   config.model.dtype = "float32"  # activations; parameters, head and losses are float32
   config.model.dropout = 0.4
   config.model.num_features = 512
+  config.model.bn_stats = "global"  # global (sync over the global batch) | per_device
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "recordio"  # recordio | tfds | image_folder | synthetic | demo
+  config.data.source = "recordio"  # recordio | tfds | folder | synthetic | demo | auto
   config.data.path = ""
   config.data.num_classes = 10_572
   config.data.num_images = 490_623  # for epoch-based schedules when the source cannot tell
@@ -38,6 +40,7 @@ def get_config(arg=None):
   config.loss.w_s2c = 1.0
   config.loss.w_s2s = 1.0
   config.loss.sample_rate = 1.0  # PartialFC negative sampling; 1.0 is the full head
+  config.loss.head_dtype = "float32"  # storage of W and M (bfloat16 halves it); compute fp32
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 0.1
@@ -60,5 +63,6 @@ def get_config(arg=None):
   config.keep_checkpoints = 3
   config.eval = ml_collections.ConfigDict()
   config.eval.bins = ()  # insightface .bin verification sets
-  config.eval.every_steps = 2000
+  config.eval.every_steps = 2000  # 0 disables
+  config.eval.batch_size = 64
   return config

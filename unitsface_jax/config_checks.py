@@ -14,7 +14,9 @@ from unitsface_jax import models
 S2C_LOSSES = ("cosface", "arcface", "normalized_bce", "uce")
 S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
 SCHEDULES = ("multistep", "polynomial")
-SOURCES = ("recordio", "tfds", "image_folder", "synthetic", "demo")
+SOURCES = ("recordio", "tfds", "folder", "synthetic", "demo", "auto")
+BN_STATS = ("global", "per_device")
+HEAD_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "must be in [0, 1)")
   _require(c.model.num_features > 0, "model.num_features", c.model.num_features,
            "must be positive")
+  _require(c.model.bn_stats in BN_STATS, "model.bn_stats", c.model.bn_stats,
+           f"must be one of {BN_STATS}")
+  _require(c.num_devices >= 0, "num_devices", c.num_devices, "must be >= 0 (0: all)")
+  _require(c.loss.head_dtype in HEAD_DTYPES, "loss.head_dtype", c.loss.head_dtype,
+           f"must be one of {HEAD_DTYPES}")
   _require(c.data.source in SOURCES, "data.source", c.data.source, f"must be one of {SOURCES}")
   _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "must be >= 2")
   _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
@@ -64,5 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "schedule.decay_epochs", c.schedule.decay_epochs, "must be increasing")
   _require(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
   _require(c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be >= 1")
+  _require(c.eval.every_steps >= 0, "eval.every_steps", c.eval.every_steps,
+           "must be >= 0 (0 disables)")
+  _require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "must be >= 1")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(c[field] >= 1, field, c[field], "must be >= 1")

@@ -46,23 +46,34 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
     self.use_running_average = False
+    # > 1: the batch is split into this many equal groups normalised separately (per-device
+    # statistics when the groups are the devices' slices, as PyTorch DDP without SyncBN).
+    self.num_groups = 1
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.num_features:
       raise ValueError(f"BatchNorm expects {self.num_features} channels, got shape {x.shape}")
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
-    else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=axes)
-      # Two-pass variance: E[(x - mean)^2] is stable where E[x^2] - mean^2 cancels.
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)
-      n = x.size // x.shape[-1]
-      unbiased = var * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-      self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+      return self._affine(x, mean, var)
+    g = self.num_groups
+    if x.shape[0] % g:
+      raise ValueError(f"batch {x.shape[0]} does not split into {g} BatchNorm groups")
+    xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    xf = xg.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    # Two-pass variance: E[(x - mean)^2] is stable where E[x^2] - mean^2 cancels.
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    n = xg[0].size // x.shape[-1]
+    unbiased = jnp.mean(var, axis=tuple(range(var.ndim - 1))) * (n / max(n - 1, 1))
+    m = self.momentum
+    batch_mean = jnp.mean(mean, axis=tuple(range(mean.ndim - 1)))
+    self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(batch_mean)
+    self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+    return self._affine(xg, mean, var).reshape(x.shape)
+
+  def _affine(self, x, mean, var):
     # Fold normalisation and affine into one multiply-add so XLA fuses it with its neighbours.
     mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
     add = self.bias[...] - mean * mul
