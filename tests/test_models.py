@@ -139,3 +139,22 @@ def test_gradients_reach_params_but_not_frozen_scale():
   assert not np.allclose(stats["bn1"]["mean"][...], rest["bn1"]["mean"][...])
   assert "scale" not in grads["features"]
   assert float(jnp.abs(grads["conv1"]["kernel"][...]).max()) > 0
+
+
+def test_batchnorm_groups_normalise_each_slice_separately():
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.normal(0, 1, (8, 3, 3, 4)) + np.arange(8)[:, None, None, None],
+                  jnp.float32)
+  grouped = BatchNorm(4)
+  grouped.num_groups = 2
+  halves = [BatchNorm(4), BatchNorm(4)]
+  y = grouped(x)
+  np.testing.assert_allclose(y[:4], halves[0](x[:4]), atol=1e-5)
+  np.testing.assert_allclose(y[4:], halves[1](x[4:]), atol=1e-5)
+  np.testing.assert_allclose(grouped.mean[...], (halves[0].mean[...] + halves[1].mean[...]) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(grouped.var[...], (halves[0].var[...] + halves[1].var[...]) / 2,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="does not split into 3"):
+    grouped.num_groups = 3
+    grouped(x)
