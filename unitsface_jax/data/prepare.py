@@ -1,0 +1,53 @@
+"""Convert a face dataset to TFDS ArrayRecord: ``python -m unitsface_jax.data.prepare``.
+
+  python -m unitsface_jax.data.prepare --source=/data/faces_emore --out=gs://bucket/tfds \
+      --name=ms1mv2
+
+``--source`` is an insightface RecordIO folder or an image folder (local or ``gs://``); the
+result lands in ``<out>/face_dataset/<name>/1.0.0`` and is read with
+``sources.TFDSSource(<that folder>)``. TFDS shows a progress bar; the end prints the number of
+images and classes written.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+
+_SOURCE = flags.DEFINE_string("source", None, "RecordIO folder or image folder to convert.")
+_OUT = flags.DEFINE_string("out", None, "TFDS data_dir to write (local or gs://).")
+_NAME = flags.DEFINE_enum(
+    "name", "custom", ["casia_webface", "ms1mv2", "ms1mv3", "glint360k", "webface", "custom"],
+    "Builder config name (only names the output folder and description).")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
+                              "Log and leave out bad records instead of stopping.")
+
+
+def prepare(source_dir, out, name: str = "custom", skip_bad_records: bool = False) -> dict:
+  """Builds the ArrayRecord dataset; returns its folder and counts."""
+  # Imported here so `--help` is fast and the flags above stay importable without TFDS.
+  from unitsface_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from unitsface_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+
+  source = sources.make_source("auto", source_dir)
+  builder = tfds_builder.FaceDataset(source=source, skip_bad_records=skip_bad_records,
+                                     config=name, data_dir=os.fspath(out),
+                                     file_format="array_record")
+  builder.download_and_prepare()
+  written = builder.info.splits["train"].num_examples
+  return {"dir": tfds_builder.builder_dir(out, name), "images": int(written),
+          "classes": int(source.num_classes), "skipped": len(builder.skipped)}
+
+
+def main(argv):
+  del argv
+  result = prepare(_SOURCE.value, _OUT.value, _NAME.value, _SKIP_BAD.value)
+  print(f"wrote {result['images']} images of {result['classes']} classes to {result['dir']}"
+        + (f" ({result['skipped']} bad records skipped)" if result["skipped"] else ""))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["source", "out"])
+  app.run(main)
