@@ -13,14 +13,16 @@ batch_size`` so all hosts yield the same number of batches per epoch (SPMD steps
 the few examples past that are the epoch's shuffled tail and differ each epoch. The shuffle is
 grain's ``MapDataset.shuffle`` (seeded per epoch with ``seed + epoch``).
 
-Save and restore the iterator with ``iterator.get_state()``/``set_state()``, or as an orbax item
-with ``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)``.
+``PipelineIterator`` is the training loop's iterator: its state is the batch position (JSON),
+saved as an orbax item with ``grain.checkpoint.CheckpointSave(iterator)`` and restored with
+``CheckpointRestore(iterator)``, also under a different worker count.
 NumPy only (workers are separate processes; JAX is not fork-safe).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -148,9 +150,9 @@ def _normalize(example: dict[str, Any]) -> dict[str, Any]:
   return example
 
 
-def make_pipeline(source, config: PipelineConfig, *, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """Builds this host's pipeline over ``source``.
+def make_batches(source, config: PipelineConfig, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+  """This host's stream of batches as a random-access grain ``MapDataset`` (batch b at [b]).
 
   Args:
     source: any object with ``len``, ``__getitem__`` and ``num_classes`` (see ``sources``).
@@ -159,8 +161,8 @@ def make_pipeline(source, config: PipelineConfig, *, process_index: int = 0,
     process_count: number of hosts (``jax.process_count()``).
 
   Returns:
-    A grain ``IterDataset`` of ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` (plus
-    ``"bad_records"`` int32 [B] when skipping). ``iter()`` it for a checkpointable iterator.
+    Batches ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` (plus ``"bad_records"``
+    int32 [B] when skipping); infinitely many when ``num_epochs`` is None.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -177,13 +179,99 @@ def make_pipeline(source, config: PipelineConfig, *, process_index: int = 0,
     # Seeded per position (grain's random_map), so the flips repeat after a restore.
     ds = ds.random_map(_flip, seed=config.seed)
   ds = ds.map(_normalize)
-  # Batch in the MapDataset, before the workers: a batch is then one element that one worker
-  # builds whole, and mp_prefetch interleaves workers in order, so batch b holds the same
-  # examples for any worker count (a restore may change worker_count).
-  ds = ds.batch(config.batch_size, drop_remainder=True)
+  # Batch before the workers: a batch is then one element that one worker builds whole, and
+  # mp_prefetch interleaves workers in order, so batch b holds the same examples for any
+  # worker count.
+  return ds.batch(config.batch_size, drop_remainder=True)
+
+
+def make_pipeline(source, config: PipelineConfig, *, process_index: int = 0,
+                  process_count: int = 1, start_batch: int = 0) -> grain.IterDataset:
+  """This host's pipeline as a grain ``IterDataset`` starting at batch ``start_batch``.
+
+  ``iter()`` of it is a grain ``DatasetIterator`` whose ``get_state``/``set_state`` restore it
+  exactly, with the same ``worker_count``. ``PipelineIterator`` adds a state that does not
+  depend on the worker count. Arguments as ``make_batches``.
+  """
+  ds = make_batches(source, config, process_index=process_index, process_count=process_count)
+  if start_batch:
+    ds = ds[start_batch:]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                             prefetch_buffer_size=2))
   if config.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
   return it
+
+
+class PipelineIterator:
+  """This host's batches with a small checkpointable state: the number of batches yielded.
+
+  The stream is a pure function of (source length, config, host), so the position is all a
+  checkpoint needs; restoring rebuilds the grain pipeline from that batch, with whatever
+  ``worker_count`` the new run has. Save it as an orbax item with
+  ``grain.checkpoint.CheckpointSave(iterator)`` and restore with ``CheckpointRestore``
+  (``get_state`` returns JSON bytes, as grain's handler expects of non-dataset iterators), or
+  keep ``get_state()`` anywhere.
+  """
+
+  def __init__(self, source, config: PipelineConfig, *, process_index: int = 0,
+               process_count: int = 1):
+    self._source = source
+    self._config = config
+    self._process_index = process_index
+    self._process_count = process_count
+    self._position = 0
+    self._iterator = None
+
+  @property
+  def position(self) -> int:
+    """Batches yielded so far (the next batch's index in this host's stream)."""
+    return self._position
+
+  def _identity(self) -> dict[str, Any]:
+    # What must match for a saved position to mean the same batches.
+    c = self._config
+    return {"num_examples": len(self._source), "batch_size": c.batch_size, "seed": c.seed,
+            "shuffle": c.shuffle, "random_flip": c.random_flip,
+            "process_index": self._process_index, "process_count": self._process_count}
+
+  def start_prefetch(self) -> None:
+    """Builds the grain pipeline at the current position and starts its workers."""
+    if self._iterator is None:
+      ds = make_pipeline(self._source, self._config, process_index=self._process_index,
+                         process_count=self._process_count, start_batch=self._position)
+      self._iterator = iter(ds)
+      start = getattr(self._iterator, "start_prefetch", None)
+      if start is not None:
+        start()
+
+  def __iter__(self) -> "PipelineIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self.start_prefetch()
+    batch = next(self._iterator)
+    self._position += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({"position": self._position, **self._identity()}).encode()
+
+  def set_state(self, state: bytes | str | dict) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    expected = self._identity()
+    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    if changed:
+      raise ValueError(f"the saved data state does not match this pipeline (saved, now): "
+                       f"{changed}; resuming would change the data order")
+    self.close()
+    self._position = int(state["position"])
+
+  def close(self) -> None:
+    """Stops the current grain pipeline (its worker processes)."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+    self._iterator = None
