@@ -73,16 +73,15 @@ def build_demo(orl_dir, out_dir, size: int = 112) -> dict[str, int]:
   return {"images": len(train), "classes": num_classes, "pairs": len(issame)}
 
 
-_ORL = flags.DEFINE_string("orl", None, "ORL faces folder (s1..s40 of PGM images).")
-_OUT = flags.DEFINE_string("out", str(demo_path()), "Output folder.")
-
-
 def main(argv):
   del argv
-  counts = build_demo(_ORL.value, _OUT.value)
-  print(f"wrote {_OUT.value}: {counts}")
+  counts = build_demo(flags.FLAGS.orl, flags.FLAGS.out)
+  print(f"wrote {flags.FLAGS.out}: {counts}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module defines none.
+  flags.DEFINE_string("orl", None, "ORL faces folder (s1..s40 of PGM images).")
+  flags.DEFINE_string("out", str(demo_path()), "Output folder.")
   flags.mark_flag_as_required("orl")
   app.run(main)

@@ -16,18 +16,10 @@ import os
 from absl import app
 from absl import flags
 
-_SOURCE = flags.DEFINE_string("source", None, "RecordIO folder or image folder to convert.")
-_OUT = flags.DEFINE_string("out", None, "TFDS data_dir to write (local or gs://).")
-_NAME = flags.DEFINE_enum(
-    "name", "custom", ["casia_webface", "ms1mv2", "ms1mv3", "glint360k", "webface", "custom"],
-    "Builder config name (only names the output folder and description).")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad_records", False,
-                              "Log and leave out bad records instead of stopping.")
-
 
 def prepare(source_dir, out, name: str = "custom", skip_bad_records: bool = False) -> dict:
   """Builds the ArrayRecord dataset; returns its folder and counts."""
-  # Imported here so `--help` is fast and the flags above stay importable without TFDS.
+  # Imported here so `--help` answers without loading TFDS.
   from unitsface_jax.data import sources  # pylint: disable=g-import-not-at-top
   from unitsface_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
 
@@ -41,13 +33,27 @@ def prepare(source_dir, out, name: str = "custom", skip_bad_records: bool = Fals
           "classes": int(source.num_classes), "skipped": len(builder.skipped)}
 
 
+def _define_flags() -> None:
+  # Defined only when run as a program, so importing this module defines no global flags.
+  flags.DEFINE_string("source", None, "RecordIO folder or image folder to convert.")
+  flags.DEFINE_string("out", None, "TFDS data_dir to write (local or gs://).")
+  flags.DEFINE_enum(
+      "name", "custom",
+      ["casia_webface", "ms1mv2", "ms1mv3", "glint360k", "webface", "custom"],
+      "Builder config name (names the output folder and the description).")
+  flags.DEFINE_bool("skip_bad_records", False,
+                    "Log and leave out bad records instead of stopping.")
+  flags.mark_flags_as_required(["source", "out"])
+
+
 def main(argv):
   del argv
-  result = prepare(_SOURCE.value, _OUT.value, _NAME.value, _SKIP_BAD.value)
+  f = flags.FLAGS
+  result = prepare(f.source, f.out, f.name, f.skip_bad_records)
   print(f"wrote {result['images']} images of {result['classes']} classes to {result['dir']}"
         + (f" ({result['skipped']} bad records skipped)" if result["skipped"] else ""))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["source", "out"])
+  _define_flags()
   app.run(main)
