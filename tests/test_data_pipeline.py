@@ -56,6 +56,15 @@ def test_batch_is_decoded_normalised_rgb(orl):
     np.testing.assert_allclose(batch["image"][i], (raw / 255 - 0.5) / 0.5, atol=1e-6)
 
 
+def test_uint8_output_normalises_to_the_float_output(orl):
+  config = pipeline.PipelineConfig(batch_size=8, seed=4, normalize=False)
+  raw = next(iter(pipeline.make_pipeline(orl, config)))
+  assert raw["image"].dtype == np.uint8
+  floats = next(iter(pipeline.make_pipeline(orl, pipeline.PipelineConfig(batch_size=8, seed=4))))
+  np.testing.assert_array_equal(pipeline.normalize(raw["image"]), floats["image"])
+  np.testing.assert_array_equal(raw["label"], floats["label"])
+
+
 def test_flip_is_horizontal_and_about_half(orl):
   config = pipeline.PipelineConfig(batch_size=50, shuffle=False, random_flip=True, seed=3)
   plain = pipeline.PipelineConfig(batch_size=50, shuffle=False, random_flip=False)
