@@ -1,14 +1,17 @@
 """Input pipeline throughput vs. the raw JPEG decode rate of the same images, in one run.
 
-  python benchmarks/data.py [--data=DIR] [--workers=2] [--batch_size=64] [--seconds=20]
+  python benchmarks/data.py [--data=DIR] [--workers=2] [--batch_size=64] [--seconds=10]
 
 Measures, on the same encoded images (default: the bundled ORL demo RecordIO set):
-  raw:      simplejpeg.decode_jpeg to RGB in a loop, one process, images held in memory;
-  pipeline: unitsface_jax.data.pipeline with ``--workers`` grain worker processes (read from
-            the .rec, decode, random flip, normalise to float32, batch, hand over to the
-            training process), after the workers have started and delivered a first batch.
-The issue's goal is pipeline >= 0.9 * workers * raw. Rounds alternate (raw, pipeline, raw, ...)
-so load from other processes on a shared machine hits both alike; the medians are reported.
+  raw:            simplejpeg.decode_jpeg to RGB in a loop, one process, images in memory;
+  pipeline f32:   unitsface_jax.data.pipeline with ``--workers`` grain worker processes (read
+                  from the .rec, decode, random flip, normalise to float32, batch, hand the
+                  batch to this process), the default configuration;
+  pipeline uint8: the same with ``normalize=False`` (the accelerator normalises).
+Pipelines are timed after their workers have started and delivered a first batch. Rounds
+alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
+all alike; medians are reported, with the CPU seconds each image cost (this process and its
+workers, from psutil) and the load average. The issue's goal: pipeline >= 0.9 * workers * raw.
 """
 
 from __future__ import annotations
@@ -32,26 +35,34 @@ from unitsface_jax.data import demo, pipeline, sources  # pylint: disable=wrong-
 _DATA = flags.DEFINE_string("data", str(demo.demo_path()), "RecordIO/TFDS/image folder.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "grain worker processes for the pipeline.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Per-host batch size.")
-_SECONDS = flags.DEFINE_float("seconds", 20.0, "Seconds per measurement round.")
+_SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds per measurement round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each measurement.")
 
 
-def raw_decode_rate(images: list[bytes], seconds: float) -> float:
-  import simplejpeg  # pylint: disable=g-import-not-at-top
-  count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    for data in images:
-      simplejpeg.decode_jpeg(data, colorspace="RGB")
-    count += len(images)
-  return count / (time.perf_counter() - start)
+def _cpu_seconds() -> float:
+  """CPU time of this process and its children (grain workers) so far."""
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return float("nan")
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
 
 
-def pipeline_rate(it, batch_size: int, seconds: float) -> float:
-  count, start = 0, time.perf_counter()
+def _timed(step, images_per_step: int, seconds: float) -> tuple[float, float]:
+  """Runs ``step`` for ``seconds``; returns (images/s, CPU microseconds per image)."""
+  count, cpu0, start = 0, _cpu_seconds(), time.perf_counter()
   while time.perf_counter() - start < seconds:
-    next(it)
-    count += batch_size
-  return count / (time.perf_counter() - start)
+    step()
+    count += images_per_step
+  wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+  return count / wall, 1e6 * cpu / count
 
 
 def _commit() -> str:
@@ -63,33 +74,56 @@ def _commit() -> str:
     return "unknown"
 
 
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv):
   del argv
+  import simplejpeg  # pylint: disable=g-import-not-at-top
   source = sources.make_source("auto", _DATA.value)
   images = [source[i]["image"] for i in range(len(source))]
-  config = pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0, worker_count=_WORKERS.value)
-  it = pipeline.PipelineIterator(source, config)
-  start = time.perf_counter()
-  next(it)  # worker start-up and the first batch are not throughput
-  startup = time.perf_counter() - start
-  raw, piped = [], []
+
+  def decode_all():
+    for data in images:
+      simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+  iterators = {}
+  for name, normalize in (("pipeline_f32", True), ("pipeline_uint8", False)):
+    config = pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0,
+                                     worker_count=_WORKERS.value, normalize=normalize)
+    iterators[name] = pipeline.PipelineIterator(source, config)
+    next(iterators[name])  # worker start-up and the first batch are not throughput
+  results = {"raw": [], "pipeline_f32": [], "pipeline_uint8": []}
+  loads = []
   for _ in range(_ROUNDS.value):
-    raw.append(raw_decode_rate(images, _SECONDS.value))
-    piped.append(pipeline_rate(it, _BATCH.value, _SECONDS.value))
-  it.close()
-  raw_rate, pipe_rate = statistics.median(raw), statistics.median(piped)
-  result = {
+    results["raw"].append(_timed(decode_all, len(images), _SECONDS.value))
+    for name, it in iterators.items():
+      results[name].append(_timed(lambda it=it: next(it), _BATCH.value, _SECONDS.value))
+    loads.append(os.getloadavg()[0])
+  for it in iterators.values():
+    it.close()
+  summary = {name: {"img_s": round(statistics.median(r[0] for r in rounds), 1),
+                    "cpu_us_per_img": round(statistics.median(r[1] for r in rounds), 1),
+                    "rounds_img_s": [round(r[0], 1) for r in rounds]}
+             for name, rounds in results.items()}
+  raw = summary["raw"]["img_s"]
+  for name in iterators:
+    summary[name]["ratio_to_workers_x_raw"] = round(
+        summary[name]["img_s"] / (_WORKERS.value * raw), 3)
+  print(json.dumps({
       "data": _DATA.value, "images": len(images), "workers": _WORKERS.value,
-      "batch_size": _BATCH.value, "raw_decode_img_s": round(raw_rate, 1),
-      "pipeline_img_s": round(pipe_rate, 1), "raw_rounds": [round(r, 1) for r in raw],
-      "pipeline_rounds": [round(r, 1) for r in piped],
-      "ratio_to_workers_x_raw": round(pipe_rate / (_WORKERS.value * raw_rate), 3),
-      "startup_s": round(startup, 2), "cpus": os.cpu_count(),
-      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-      "python": platform.python_version(), "commit": _commit(),
+      "batch_size": _BATCH.value, "seconds_per_round": _SECONDS.value,
+      "results": summary, "load_average_1min": loads, "cpus": os.cpu_count(),
+      "cpu": _cpu_model(), "python": platform.python_version(), "commit": _commit(),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-  }
-  print(json.dumps(result, indent=1))
+  }, indent=1))
 
 
 if __name__ == "__main__":

@@ -252,15 +252,15 @@ def test_header_claims_missing_keys(tmp_path):
     sources.RecordIOSource(tmp_path)
 
 
-def test_reader_pickles_and_reads_after_fork(data_dir):
-  """Each process opens its own descriptor: a pickled or forked reader still reads."""
+def test_reader_pickles_and_reopens_in_a_new_process(data_dir):
+  """Each process opens its own descriptor: a pickled reader, or one inherited by fork (seen
+  as a changed process id), opens the file again instead of sharing the parent's."""
   reader = recordio.open_rec(data_dir / "orl20_im2rec")
   first = reader.read(3)
   clone = pickle.loads(pickle.dumps(reader))
   assert clone.read(3) == first
-  pid = os.fork()
-  if pid == 0:  # child: same object, must not reuse the parent's descriptor state
-    ok = reader.read(3) == first and reader._pid == os.getpid()  # pylint: disable=protected-access
-    os._exit(0 if ok else 1)
-  _, status = os.waitpid(pid, 0)
-  assert os.WEXITSTATUS(status) == 0
+  parent_fd = reader._fd  # pylint: disable=protected-access
+  reader._pid = -1  # as after a fork  # pylint: disable=protected-access
+  assert reader.read(3) == first
+  assert reader._pid == os.getpid() and reader._fd is not None  # pylint: disable=protected-access
+  os.close(parent_fd)  # the "parent's" descriptor, abandoned by the reopen
