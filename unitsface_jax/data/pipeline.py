@@ -226,8 +226,9 @@ def make_batches(source, config: PipelineConfig, *, process_index: int = 0,
     process_count: number of hosts (``jax.process_count()``).
 
   Returns:
-    Batches ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` (plus ``"bad_records"``
-    int32 [B] when skipping); infinitely many when ``num_epochs`` is None.
+    Batches ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` (``image`` uint8 when
+    ``normalize`` is False; plus ``"bad_records"`` int32 [B] when skipping); infinitely many
+    when ``num_epochs`` is None.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
