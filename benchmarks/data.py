@@ -11,7 +11,9 @@ Measures, on the same encoded images (default: the bundled ORL demo RecordIO set
 Pipelines are timed after their workers have started and delivered a first batch. Rounds
 alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
 all alike; medians are reported, with the CPU seconds each image cost (this process and its
-workers, from psutil) and the load average. The issue's goal: pipeline >= 0.9 * workers * raw.
+workers, from psutil) and the load average; and the CPU cost of creating and filling one
+fresh shared-memory batch (grain's workers hand every batch over in a new block). The issue's
+goal: pipeline >= 0.9 * workers * raw.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def _timed(step, images_per_step: int, seconds: float) -> tuple[float, float]:
     count += images_per_step
   wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
   return count / wall, 1e6 * cpu / count
+
+
+def _shm_fill_ms(shape, dtype, repeats: int = 20) -> float:
+  """CPU ms to create and fill one fresh shared-memory batch, as grain's workers do per batch."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from grain import python as grain_python  # pylint: disable=g-import-not-at-top
+  source = np.ones(shape, dtype)
+  start = time.process_time()
+  for _ in range(repeats):
+    block = grain_python.SharedMemoryArray(shape, dtype)
+    np.copyto(block, source)
+    block.unlink_on_del()
+    del block
+  return 1e3 * (time.process_time() - start) / repeats
 
 
 def _commit() -> str:
@@ -117,10 +133,13 @@ def main(argv):
   for name in iterators:
     summary[name]["ratio_to_workers_x_raw"] = round(
         summary[name]["img_s"] / (_WORKERS.value * raw), 3)
+  shape = (_BATCH.value, 112, 112, 3)
+  shm = {"float32": round(_shm_fill_ms(shape, "float32"), 2),
+         "uint8": round(_shm_fill_ms(shape, "uint8"), 2)}
   print(json.dumps({
       "data": _DATA.value, "images": len(images), "workers": _WORKERS.value,
       "batch_size": _BATCH.value, "seconds_per_round": _SECONDS.value,
-      "results": summary, "load_average_1min": loads, "cpus": os.cpu_count(),
+      "results": summary, "shm_batch_create_fill_cpu_ms": shm, "load_average_1min": loads, "cpus": os.cpu_count(),
       "cpu": _cpu_model(), "python": platform.python_version(), "commit": _commit(),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
   }, indent=1))
