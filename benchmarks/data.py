@@ -7,8 +7,11 @@ Measures, on the same encoded images (default: the bundled ORL demo RecordIO set
   pipeline f32:   unitsface_jax.data.pipeline with ``--workers`` grain worker processes (read
                   from the .rec, decode, random flip, normalise to float32, batch, hand the
                   batch to this process), the default configuration;
-  pipeline uint8: the same with ``normalize=False`` (the accelerator normalises).
-Pipelines are timed after their workers have started and delivered a first batch. Rounds
+  pipeline uint8: the same with ``normalize=False`` (the accelerator normalises);
+  in process:     the uint8 pipeline with no workers (what the pipeline costs without the
+                  hand-over between processes).
+Each pipeline is started afresh in each of its rounds and timed after its workers have
+started and delivered a first batch (then closed, so idle workers never overlap). Rounds
 alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
 all alike; medians are reported, with the CPU seconds each image cost (this process and its
 workers, from psutil) and the load average; and the CPU cost of creating and filling one
@@ -41,30 +44,31 @@ _SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds per measurement round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each measurement.")
 
 
-def _cpu_seconds() -> float:
-  """CPU time of this process and its children (grain workers) so far."""
+def _cpu_seconds() -> tuple[float, float]:
+  """CPU time so far of (this process, its children: the grain workers)."""
   try:
     import psutil  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return float("nan")
+    return float("nan"), float("nan")
   me = psutil.Process()
-  total = sum(me.cpu_times()[:2])
+  children = 0.0
   for child in me.children(recursive=True):
     try:
-      total += sum(child.cpu_times()[:2])
+      children += sum(child.cpu_times()[:2])
     except psutil.Error:
       pass
-  return total
+  return sum(me.cpu_times()[:2]), children
 
 
-def _timed(step, images_per_step: int, seconds: float) -> tuple[float, float]:
-  """Runs ``step`` for ``seconds``; returns (images/s, CPU microseconds per image)."""
+def _timed(step, images_per_step: int, seconds: float) -> tuple[float, float, float]:
+  """Runs ``step`` for ``seconds``; returns (images/s, CPU microseconds per image in this
+  process, in its worker processes)."""
   count, cpu0, start = 0, _cpu_seconds(), time.perf_counter()
   while time.perf_counter() - start < seconds:
     step()
     count += images_per_step
-  wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
-  return count / wall, 1e6 * cpu / count
+  wall, cpu1 = time.perf_counter() - start, _cpu_seconds()
+  return (count / wall, 1e6 * (cpu1[0] - cpu0[0]) / count, 1e6 * (cpu1[1] - cpu0[1]) / count)
 
 
 def _shm_fill_ms(shape, dtype, repeats: int = 20) -> float:
@@ -110,29 +114,34 @@ def main(argv):
     for data in images:
       simplejpeg.decode_jpeg(data, colorspace="RGB")
 
-  iterators = {}
-  for name, normalize in (("pipeline_f32", True), ("pipeline_uint8", False)):
-    config = pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0,
-                                     worker_count=_WORKERS.value, normalize=normalize)
-    iterators[name] = pipeline.PipelineIterator(source, config)
-    next(iterators[name])  # worker start-up and the first batch are not throughput
-  results = {"raw": [], "pipeline_f32": [], "pipeline_uint8": []}
+  configs = {name: pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0,
+                                           worker_count=workers, normalize=normalize)
+             for name, normalize, workers in (
+                 ("pipeline_f32", True, _WORKERS.value),
+                 ("pipeline_uint8", False, _WORKERS.value),
+                 # For reference: the same work in this process, with no hand-over at all.
+                 ("pipeline_uint8_in_process", False, 0))}
+  results = {"raw": [], **{name: [] for name in configs}}
   loads = []
   for _ in range(_ROUNDS.value):
     results["raw"].append(_timed(decode_all, len(images), _SECONDS.value))
-    for name, it in iterators.items():
+    # Each pipeline lives only for its own round, so no idle workers compete with the others.
+    for name, config in configs.items():
+      it = pipeline.PipelineIterator(source, config)
+      next(it)  # worker start-up and the first batch are not throughput
       results[name].append(_timed(lambda it=it: next(it), _BATCH.value, _SECONDS.value))
+      it.close()
     loads.append(os.getloadavg()[0])
-  for it in iterators.values():
-    it.close()
   summary = {name: {"img_s": round(statistics.median(r[0] for r in rounds), 1),
-                    "cpu_us_per_img": round(statistics.median(r[1] for r in rounds), 1),
+                    "cpu_us_per_img": round(statistics.median(r[1] + r[2] for r in rounds), 1),
+                    "cpu_us_per_img_main": round(statistics.median(r[1] for r in rounds), 1),
+                    "cpu_us_per_img_workers": round(statistics.median(r[2] for r in rounds), 1),
                     "rounds_img_s": [round(r[0], 1) for r in rounds]}
              for name, rounds in results.items()}
   raw = summary["raw"]["img_s"]
-  for name in iterators:
+  for name, config in configs.items():
     summary[name]["ratio_to_workers_x_raw"] = round(
-        summary[name]["img_s"] / (_WORKERS.value * raw), 3)
+        summary[name]["img_s"] / (max(config.worker_count, 1) * raw), 3)
   shape = (_BATCH.value, 112, 112, 3)
   shm = {"float32": round(_shm_fill_ms(shape, "float32"), 2),
          "uint8": round(_shm_fill_ms(shape, "uint8"), 2)}
