@@ -65,3 +65,16 @@ def test_prepare_image_folder_reencodes_pgm(data_dir, tmp_path):
   converted = sources.TFDSSource(result["dir"])
   image = simplejpeg.decode_jpeg(bytes(converted[0]["image"]))
   assert image.shape == (112, 92, 3)
+
+
+def test_data_layer_imports_no_jax_and_no_model_code():
+  """DESIGN.md layering: the reading and decoding code runs in worker processes; it must not
+  pull in JAX or any higher layer. (grain, used by pipeline.py, imports jax by itself.)"""
+  code = ("import sys; import unitsface_jax.data.recordio, unitsface_jax.data.sources, "
+          "unitsface_jax.data.align, unitsface_jax.data.demo; "
+          "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax')) or "
+          "(m.startswith('unitsface_jax.') and not m.startswith('unitsface_jax.data'))]; "
+          "print(bad); sys.exit(1 if bad else 0)")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+  assert run.returncode == 0, run.stdout + run.stderr

@@ -18,7 +18,8 @@ shuffle is a NumPy permutation seeded with ``[seed, epoch]``.
 ``PipelineIterator`` is the training loop's iterator: its state is the batch position (JSON),
 saved as an orbax item with ``grain.checkpoint.CheckpointSave(iterator)`` and restored with
 ``CheckpointRestore(iterator)``, also under a different worker count.
-NumPy only (workers are separate processes; JAX is not fork-safe).
+NumPy only: this code imports no JAX or model code (grain itself imports jax, but its
+workers are spawned processes, not forks of a process running JAX).
 """
 
 from __future__ import annotations

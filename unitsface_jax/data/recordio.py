@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 from etils import epath
@@ -472,13 +472,6 @@ def write_insightface(directory, examples: Iterable[tuple[int, bytes]], num_clas
   if with_property:
     write_property(directory, num_classes, *image_size)
   return n
-
-
-def iter_records(reader: RecordIOReader, keys=None) -> Iterator[tuple[int, IRHeader, bytes]]:
-  """Yields (key, header, image bytes) for ``keys`` (default: every key in index order)."""
-  for key in (reader.keys if keys is None else keys):
-    header, image = reader.read_header(int(key))
-    yield int(key), header, image
 
 
 def open_rec(directory, prefix: str = "train") -> RecordIOReader:
