@@ -264,3 +264,17 @@ def test_reader_pickles_and_reopens_in_a_new_process(data_dir):
   assert reader.read(3) == first
   assert reader._pid == os.getpid() and reader._fd is not None  # pylint: disable=protected-access
   os.close(parent_fd)  # the "parent's" descriptor, abandoned by the reopen
+
+
+def test_sparse_keys_are_found_by_search(tmp_path):
+  """An index with gaps (not a range) is searched; a missing key is a DataError."""
+  with recordio.RecordIOWriter(tmp_path / "x.rec", tmp_path / "x.idx") as w:
+    for key in (7, 2, 30):
+      w.write(key, recordio.pack(recordio.IRHeader(0, float(key), key, 0), b"img"))
+  reader = recordio.RecordIOReader(tmp_path / "x.rec", tmp_path / "x.idx")
+  np.testing.assert_array_equal(reader.keys, [2, 7, 30])
+  assert recordio.unpack(reader.read(30))[0].label == 30.0 and 7 in reader and 8 not in reader
+  with pytest.raises(DataError, match="key 8 is not in the index"):
+    reader.read(8)
+  contiguous = recordio.open_rec(pathlib.Path(__file__).parent / "data" / "orl_112")
+  assert contiguous.keys == range(0, 441)

@@ -52,7 +52,7 @@ class RecordIOSource:
     self.num_classes = int(num_classes)
 
   def __len__(self) -> int:
-    return int(self.image_keys.size)
+    return len(self.image_keys)
 
   def __repr__(self) -> str:
     return f"RecordIOSource({os.fspath(self.directory)!r}, n={len(self)}, " \
