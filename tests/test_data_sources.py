@@ -67,6 +67,23 @@ def test_prepare_image_folder_reencodes_pgm(data_dir, tmp_path):
   assert image.shape == (112, 92, 3)
 
 
+def test_prepare_skips_bad_records_and_pipeline_reads_the_result(tmp_path):
+  from unitsface_jax.data import pipeline, prepare, recordio  # pylint: disable=g-import-not-at-top
+  good = simplejpeg.encode_jpeg(np.full((112, 112, 3), 50, np.uint8))
+  images = [good] * 6
+  images[4] = b"\xff\xd8\xff" + b"broken" * 5
+  recordio.write_insightface(tmp_path / "rec", [(i // 3, im) for i, im in enumerate(images)], 2)
+  with pytest.raises(DataError, match=r"record 5, .*undecodable JPEG"):
+    prepare.prepare(tmp_path / "rec", tmp_path / "strict", "custom")
+  result = prepare.prepare(tmp_path / "rec", tmp_path / "tfds", "custom", skip_bad_records=True)
+  assert (result["images"], result["classes"], result["skipped"]) == (5, 2, 1)
+  converted = sources.TFDSSource(result["dir"])
+  config = pipeline.PipelineConfig(batch_size=5, shuffle=False, random_flip=False)
+  batch = next(iter(pipeline.make_pipeline(converted, config)))
+  np.testing.assert_array_equal(batch["label"], [0, 0, 0, 1, 1])
+  np.testing.assert_allclose(batch["image"], 50 / 127.5 - 1, atol=2 / 127.5)
+
+
 def test_data_layer_imports_no_jax_and_no_model_code():
   """DESIGN.md layering: the reading and decoding code runs in worker processes; it must not
   pull in JAX or any higher layer. (grain, used by pipeline.py, imports jax by itself.)"""
