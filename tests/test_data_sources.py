@@ -95,3 +95,15 @@ def test_data_layer_imports_no_jax_and_no_model_code():
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
   assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_tfds_builder_from_a_manual_directory(data_dir, tmp_path):
+  builder = tfds_builder.FaceDataset(source_dir=data_dir / "orl20_im2rec", config="ms1mv3",
+                                     data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  converted = sources.TFDSSource(tfds_builder.builder_dir(tmp_path, "ms1mv3"))
+  assert (len(converted), converted.num_classes) == (20, 10)
+  assert [converted[i]["label"] for i in range(0, 20, 2)] == list(range(10))
+  with pytest.raises(ValueError, match="needs source= or source_dir="):
+    tfds_builder.FaceDataset(config="custom", data_dir=str(tmp_path / "x"),
+                             file_format="array_record").download_and_prepare()

@@ -34,7 +34,7 @@ import numpy as np
 import simplejpeg
 
 from unitsface_jax.data.errors import DataError
-from unitsface_jax.data.sources import decode_image
+from unitsface_jax.data import sources
 
 # Bad records replaced in a row before the pipeline gives up: a file that is mostly broken
 # should stop the run, not spin.
@@ -160,10 +160,6 @@ class _MakeBatch:
     self.source = source
     self.config = config
     self.index = index
-    self.locate = getattr(source, "locate", None)
-
-  def _where(self, i: int) -> dict[str, Any]:
-    return self.locate(i) if self.locate else {"record": i}
 
   def _decode_into(self, out: np.ndarray, i: int) -> int:
     example = self.source[i]
@@ -177,10 +173,10 @@ class _MakeBatch:
           return int(example["label"])
       except ValueError:
         pass  # decode_image below reports it with its location
-    image = decode_image(data, self._where(i))
+    image = sources.decode_image(data, sources.where(self.source, i))
     if image.shape[:2] != (height, width):
       raise DataError(f"image is {image.shape[0]}x{image.shape[1]}, the pipeline expects "
-                      f"{height}x{width}", **self._where(i))
+                      f"{height}x{width}", **sources.where(self.source, i))
     out[...] = image
     return int(example["label"])
 

@@ -234,6 +234,12 @@ def make_source(kind: str, path=None, **kwargs):
   raise ValueError(f"unknown source kind {kind!r}")
 
 
+def where(source, index: int) -> dict[str, Any]:
+  """``DataError`` keyword arguments locating example ``index`` of any source."""
+  locate = getattr(source, "locate", None)
+  return locate(index) if locate else {"record": index}
+
+
 def decode_image(data, where: dict[str, Any] | None = None) -> np.ndarray:
   """Decodes encoded image bytes (or passes an array) to HWC uint8 RGB.
 

@@ -21,9 +21,9 @@ from unitsface_jax.data import sources
 from unitsface_jax.data.errors import DataError
 
 _MANUAL = """\
-Pass the folder of the source dataset with --source (prepare.py) or
-DownloadConfig(manual_dir=...): an insightface RecordIO folder (train.rec, train.idx, property)
-or an image folder root/<identity>/<image>."""
+Pass the folder of the source dataset with --source (prepare.py) or source_dir=: an
+insightface RecordIO folder (train.rec, train.idx, property) or an image folder
+root/<identity>/<image>."""
 
 # Published sizes, for the descriptions only (insightface recognition/_datasets_/README.md).
 _CONFIGS = {
@@ -55,9 +55,14 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
   def code_path(cls) -> epath.Path:
     return epath.Path(__file__)
 
-  def __init__(self, *, source=None, skip_bad_records: bool = False, **kwargs):
-    """Args: source: a data source (``sources``) to convert; skip_bad_records: log and
-    leave out records that raise ``DataError`` instead of stopping; kwargs: for TFDS."""
+  def __init__(self, *, source=None, source_dir=None, skip_bad_records: bool = False,
+               **kwargs):
+    """Args: source: a data source (``sources``) to convert, or source_dir: the manual
+    directory to read it from (RecordIO or image folder, local or gs://); skip_bad_records:
+    log and leave out records that raise ``DataError`` instead of stopping; kwargs: for TFDS
+    (``config``, ``data_dir``, ``file_format``)."""
+    if source is None and source_dir is not None:
+      source = sources.make_source("auto", source_dir)
     self._face_source = source
     self._skip_bad_records = skip_bad_records
     self.skipped: list[str] = []
@@ -79,17 +84,16 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    source = self._face_source
-    if source is None:
-      source = sources.make_source("auto", dl_manager.manual_dir)
-      self._face_source = source
-    return {"train": self._generate_examples(source)}
+    del dl_manager  # the source is local or gs:// already; nothing to download
+    if self._face_source is None:
+      raise ValueError(f"FaceDataset needs source= or source_dir= to build.\n{_MANUAL}")
+    return {"train": self._generate_examples(self._face_source)}
 
   def _generate_examples(self, source):
     for index in range(len(source)):
       try:
         example = source[index]
-        image = _as_jpeg(example["image"], _where(source, index))
+        image = _as_jpeg(example["image"], sources.where(source, index))
       except DataError as e:
         if not self._skip_bad_records:
           raise
@@ -97,11 +101,6 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
         self.skipped.append(str(e))
         continue
       yield index, {"image": image, "label": example["label"]}
-
-
-def _where(source, index):
-  locate = getattr(source, "locate", None)
-  return locate(index) if locate else {"record": index}
 
 
 def _as_jpeg(image, where) -> bytes:
