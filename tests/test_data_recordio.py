@@ -88,6 +88,20 @@ def test_aligned_magic_splits_record_as_dmlc_does():
   assert struct.unpack_from("<II", unaligned, 0) == (recordio.MAGIC, 5)
 
 
+def test_bad_continuation_flags_are_data_errors(tmp_path):
+  magic = struct.pack("<I", recordio.MAGIC)
+  cases = {"continuation part": magic + struct.pack("<I", 2 << 29 | 4) + b"abcd",
+           "invalid continuation flag 5": magic + struct.pack("<I", 5 << 29 | 4) + b"abcd",
+           "interrupted": (magic + struct.pack("<I", 1 << 29 | 4) + b"abcd" + magic
+                           + struct.pack("<I", 0 << 29 | 4) + b"efgh")}
+  for reason, data in cases.items():
+    (tmp_path / "x.rec").write_bytes(data)
+    (tmp_path / "x.idx").write_text("0\t0\n")
+    reader = recordio.RecordIOReader(tmp_path / "x.rec", tmp_path / "x.idx")
+    with pytest.raises(DataError, match=rf"x\.rec, record 0, byte offset \d+: .*{reason}"):
+      reader.read(0)
+
+
 def test_pack_unpack_scalar_and_vector_labels():
   h, img = recordio.unpack(recordio.pack(recordio.IRHeader(0, 7.0, 3, 0), b"JPEG"))
   assert (h.flag, h.label, h.id, img) == (0, 7.0, 3, b"JPEG")

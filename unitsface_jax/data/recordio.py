@@ -299,6 +299,8 @@ class RecordIOReader:
       if magic != MAGIC:
         raise fail(f"bad magic number 0x{magic:08x} (expected 0x{MAGIC:08x})", part_offset)
       cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+      if cflag > 3:
+        raise fail(f"invalid continuation flag {cflag} (0..3)", part_offset)
       end = pos + 8 + length
       if len(buf) < end:
         buf += self._pread(offset + len(buf), end - len(buf))
