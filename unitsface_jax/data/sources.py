@@ -34,6 +34,7 @@ class RecordIOSource:
     image_keys: the record key of each example.
     num_classes: from ``property``, else the header, else one pass over the labels.
     header_first: see ``recordio.Layout``.
+    image_size: (h, w) from ``property``, or None.
   """
 
   def __init__(self, directory, prefix: str = "train"):
@@ -55,8 +56,8 @@ class RecordIOSource:
     return len(self.image_keys)
 
   def __repr__(self) -> str:
-    return f"RecordIOSource({os.fspath(self.directory)!r}, n={len(self)}, " \
-           f"classes={self.num_classes})"
+    return (f"RecordIOSource({os.fspath(self.directory)!r}, n={len(self)}, "
+            f"classes={self.num_classes})")
 
   def _key(self, index: int) -> int:
     if not 0 <= index < len(self):
