@@ -25,13 +25,14 @@ Pass the folder of the source dataset with --source (prepare.py) or source_dir=:
 insightface RecordIO folder (train.rec, train.idx, property) or an image folder
 root/<identity>/<image>."""
 
-# Published sizes, for the descriptions only (insightface recognition/_datasets_/README.md).
+# Published sizes, for the descriptions only (insightface recognition/arcface_torch/README.md
+# and its configs: num_classes, num_image).
 _CONFIGS = {
-    "casia_webface": "CASIA-WebFace (10,572 identities, 0.5M images), insightface faces_webface_112x112",
-    "ms1mv2": "MS1MV2 / MS1M-ArcFace (85,742 identities, 5.8M images), faces_emore",
-    "ms1mv3": "MS1MV3 / MS1M-RetinaFace (93,431 identities, 5.2M images), ms1m-retinaface-t1",
-    "glint360k": "Glint360K (360,232 identities, 17.1M images)",
-    "webface": "WebFace42M/12M/4M in insightface RecordIO",
+    "casia_webface": "CASIA-WebFace (10,572 identities, 0.5M images), faces_webface_112x112",
+    "ms1mv2": "MS1MV2 / MS1M-ArcFace (85,742 identities, 5,822,653 images), faces_emore",
+    "ms1mv3": "MS1MV3 / MS1M-RetinaFace (93,431 identities, 5,179,510 images)",
+    "glint360k": "Glint360K (360K identities, 17.1M images)",
+    "webface": "WebFace42M and its subsets, as insightface RecordIO",
     "custom": "any insightface RecordIO folder or image folder",
 }
 
