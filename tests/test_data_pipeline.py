@@ -211,3 +211,19 @@ def test_wrong_image_size_is_a_data_error(data_dir):
   ok = pipeline.PipelineConfig(batch_size=2, shuffle=False, image_size=(112, 92))
   batch = next(iter(pipeline.make_pipeline(folder, ok)))
   assert batch["image"].shape == (2, 112, 92, 3)
+
+
+def test_iterator_from_config_splits_the_global_batch(data_dir):
+  data = {"source": "recordio", "path": str(data_dir / "orl_112"), "global_batch_size": 32,
+          "seed": 3, "image_size": [112, 112], "num_epochs": 1}
+  hosts = [pipeline.iterator_from_config(data, process_index=i, process_count=2)
+           for i in range(2)]
+  assert hosts[0].config.batch_size == 16 and hosts[0].source.num_classes == 40
+  labels = [np.concatenate([b["label"] for b in it]) for it in hosts]
+  assert len(labels[0]) == len(labels[1]) == 192  # 400 // 2 // 16 * 16
+  synthetic = pipeline.iterator_from_config(
+      {"source": "synthetic", "source_args": {"num_examples": 64, "num_classes": 4},
+       "global_batch_size": 8})
+  assert next(synthetic)["image"].shape == (8, 112, 112, 3)
+  with pytest.raises(ValueError, match="does not split over 3 hosts"):
+    pipeline.iterator_from_config(data, process_index=0, process_count=3)

@@ -270,12 +270,16 @@ class PipelineIterator:
   ``grain.checkpoint.CheckpointSave(iterator)`` and restore with ``CheckpointRestore``
   (``get_state`` returns JSON bytes, as grain's handler expects of non-dataset iterators), or
   keep ``get_state()`` anywhere.
+
+  Attributes:
+    source: the data source (``num_classes``, ``len``).
+    config: the ``PipelineConfig``.
   """
 
   def __init__(self, source, config: PipelineConfig, *, process_index: int = 0,
                process_count: int = 1):
-    self._source = source
-    self._config = config
+    self.source = source
+    self.config = config
     self._process_index = process_index
     self._process_count = process_count
     self._position = 0
@@ -288,15 +292,15 @@ class PipelineIterator:
 
   def _identity(self) -> dict[str, Any]:
     # What must match for a saved position to mean the same batches.
-    c = self._config
-    return {"num_examples": len(self._source), "batch_size": c.batch_size, "seed": c.seed,
+    c = self.config
+    return {"num_examples": len(self.source), "batch_size": c.batch_size, "seed": c.seed,
             "shuffle": c.shuffle, "random_flip": c.random_flip,
             "process_index": self._process_index, "process_count": self._process_count}
 
   def start_prefetch(self) -> None:
     """Builds the grain pipeline at the current position and starts its workers."""
     if self._iterator is None:
-      ds = make_pipeline(self._source, self._config, process_index=self._process_index,
+      ds = make_pipeline(self.source, self.config, process_index=self._process_index,
                          process_count=self._process_count, start_batch=self._position)
       self._iterator = iter(ds)
       start = getattr(self._iterator, "start_prefetch", None)
@@ -332,3 +336,38 @@ class PipelineIterator:
     if close is not None:
       close()
     self._iterator = None
+
+
+def iterator_from_config(data, *, process_index: int = 0,
+                         process_count: int = 1) -> PipelineIterator:
+  """The training loop's entry point: this host's ``PipelineIterator`` from a config mapping.
+
+  Args:
+    data: a mapping (e.g. the ``config.data`` ConfigDict) with ``source`` (a
+      ``sources.make_source`` kind: ``recordio``, ``tfds``, ``folder``, ``synthetic`` or
+      ``auto``), ``path`` (not for ``synthetic``), optional ``source_args`` (keyword arguments
+      for the source), ``global_batch_size`` (split evenly over hosts) and any other
+      ``PipelineConfig`` field except ``batch_size``.
+    process_index: ``jax.process_index()``.
+    process_count: ``jax.process_count()``.
+
+  Returns:
+    The iterator; its ``source`` attribute gives ``num_classes`` and ``len``.
+  """
+  data = dict(data)
+  kind = data.pop("source")
+  path = data.pop("path", None)
+  source_args = dict(data.pop("source_args", None) or {})
+  global_batch = int(data.pop("global_batch_size"))
+  if global_batch % process_count:
+    raise ValueError(f"global_batch_size {global_batch} does not split over {process_count} "
+                     "hosts")
+  if "image_size" in data:
+    data["image_size"] = tuple(data["image_size"])
+  config = PipelineConfig(batch_size=global_batch // process_count, **data)
+  if kind == "synthetic":
+    source = sources.make_source(kind, **source_args)
+  else:
+    source = sources.make_source(kind, path, **source_args)
+  return PipelineIterator(source, config, process_index=process_index,
+                          process_count=process_count)
