@@ -3,7 +3,8 @@
 Every source has ``len(src)``, ``src[i] -> {"image": ..., "label": int}`` and
 ``src.num_classes``; ``image`` is encoded bytes (JPEG, PNG, PGM, ...) or an HWC uint8 array.
 ``src.locate(i)`` says where example ``i`` lives (file, record, byte offset) so that a decoding
-error downstream can name it. All sources pickle cheaply into grain's worker processes.
+error downstream can name it. All sources pickle into grain's worker processes (a RecordIO
+source carries its index: 8 bytes a record) and open their files again there.
 """
 
 from __future__ import annotations
