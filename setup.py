@@ -44,6 +44,8 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["unitsface_jax", "unitsface_jax.*"]),
+    # The bundled demo faces (unitsface_jax.data.demo.demo_path()).
+    package_data={"unitsface_jax.data": ["demo/*"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -1,0 +1,9 @@
+"""Input data: MXNet RecordIO without MXNet, dataset sources, the grain pipeline, alignment.
+
+NumPy only: nothing here imports JAX or model code, because grain runs this code in forked or
+spawned worker processes (DESIGN.md, data layer).
+"""
+
+from unitsface_jax.data.errors import DataError
+
+__all__ = ["DataError"]

@@ -1,0 +1,308 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, top to bottom.
+
+Sections, in the order a batch meets them (big_vision style): mesh; input pipeline; model,
+head and optimiser created already sharded; the pure train step; checkpoint restore; the
+loop with logging, evaluation, checkpoints, the NaN guard and preemption.
+
+Decisions (see DESIGN.md):
+- The backbone is data-parallel (batch split over the one mesh axis, parameters replicated);
+  the head's W, M and seen are class-sharded (``unitsface_jax.head``).
+- BatchNorm statistics: ``config.model.bn_stats = "global"`` (default) normalises with the
+  statistics of the whole global batch (XLA inserts the all-reduce), so results do not depend
+  on the device count and a run resumes on any count; ``"per_device"`` uses each device's own
+  slice, as PyTorch DDP without SyncBN does (cheaper on many devices).
+- Everything random is a function of (seed, step): dropout and PartialFC keys are
+  ``fold_in(key, step)``, the data order is a function of (seed, epoch), so a resumed run
+  repeats an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from unitsface_jax import checkpoint as checkpoint_lib
+from unitsface_jax import head as head_lib
+from unitsface_jax import losses, models, optim, parallel
+from unitsface_jax import metrics as metrics_lib
+from unitsface_jax.data import demo as demo_data
+from unitsface_jax.data import pipeline as pipeline_lib
+from unitsface_jax.data import sources as sources_lib
+from unitsface_jax.models import Frozen
+
+# Model state that is not optimised but is saved: BN statistics and frozen scales.
+_MODEL_STATE = nnx.Any(nnx.BatchStat, Frozen)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+def make_source(config: ml_collections.ConfigDict):
+  """The training source named by ``config.data`` (``demo`` is the bundled ORL set)."""
+  if config.data.source == "demo":
+    return sources_lib.make_source("recordio", demo_data.demo_path())
+  if config.data.source == "synthetic":
+    return sources_lib.make_source("synthetic", num_examples=config.data.num_images,
+                                   num_classes=config.data.num_classes)
+  return sources_lib.make_source(config.data.source, config.data.path)
+
+
+def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
+  return head_lib.HeadConfig(
+      num_classes=config.data.num_classes, embedding_dim=config.model.num_features,
+      s2c_loss=config.loss.s2c, s2c_scale=config.loss.s2c_scale,
+      s2c_margin=config.loss.s2c_margin, s2s_loss=config.loss.s2s,
+      s2s_scale=config.loss.s2s_scale, s2s_margin=config.loss.s2s_margin,
+      sample_rate=config.loss.sample_rate, storage_dtype=config.loss.head_dtype)
+
+
+def create_model(config: ml_collections.ConfigDict, key) -> nnx.Module:
+  return models.create(config.model.name, rngs=nnx.Rngs(params=key, dropout=key),
+                       dtype=config.model.dtype, dropout=config.model.dropout,
+                       num_features=config.model.num_features)
+
+
+def init_state(config, mesh, tx, key):
+  """The train state, every array created directly with its sharding.
+
+  Returns (graphdef, rng_state, state): ``rng_state`` is the model's dropout stream (reseeded
+  from (seed, step) in every step, so it is not checkpointed); ``state`` = {"params":
+  {"backbone", "head"}, "model_state", "head_buffers", "opt_state", "step",
+  "first_nonfinite_step"}, all of it checkpointed.
+  """
+  replicated = parallel.replicated(mesh)
+  model_key, head_key = jax.random.split(key)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, model_key)))
+
+  def init_backbone(k):
+    _, params, model_state, rng_state = nnx.split(create_model(config, k), nnx.Param,
+                                                  _MODEL_STATE, ...)
+    return params, model_state, rng_state
+
+  params, model_state, rng_state = jax.jit(init_backbone, out_shardings=replicated)(model_key)
+  head_state = head_lib.init_head_state(head_key, head_config(config), mesh)
+  all_params = {"backbone": params, "head": head_state.params}
+  # The optimiser state takes the shardings of the parameters it mirrors.
+  opt_state = jax.jit(tx.init)(all_params)
+  state = {"params": all_params, "model_state": model_state,
+           "head_buffers": head_state.buffers, "opt_state": opt_state,
+           "step": jax.device_put(jnp.int32(0), replicated),
+           "first_nonfinite_step": jax.device_put(jnp.int32(-1), replicated)}
+  return graphdef, rng_state, state
+
+
+def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int):
+  """The pure, jitted update: backbone fwd/bwd, sharded head, objective, SGD, PReLU clamp."""
+  hc = head_config(config)
+  seed_key = jax.random.key(config.seed)
+  dropout_root, sample_root = jax.random.split(seed_key)
+  lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  groups = jax.device_count() if config.model.bn_stats == "per_device" else 0
+
+  def train_step(state, images, labels):
+    step = state["step"]
+    epoch = step // steps_per_epoch
+    s2s_active = (epoch >= config.loss.uss_start_epoch) & (config.loss.s2s != "none")
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params["backbone"], state["model_state"], rng_state,
+                        copy=True)
+      if groups:
+        _set_bn_groups(model, groups)
+      if config.model.dropout > 0:
+        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
+      embeddings = model(images)
+      head_state = head_lib.HeadState(params["head"], state["head_buffers"])
+      terms, new_head = head_lib.head_loss(
+          head_state, embeddings, labels, config=hc, mesh=mesh,
+          key=jax.random.fold_in(sample_root, step), s2s_active=s2s_active)
+      loss = losses.unitsface_objective(
+          terms["s2c"], terms["s2s"], epoch, s2c_weight=config.loss.w_s2c,
+          s2s_weight=config.loss.w_s2s, s2s_start_epoch=(
+              config.loss.uss_start_epoch if config.loss.s2s != "none" else 2**30))
+      return loss, (terms, new_head, nnx.state(model, _MODEL_STATE))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (terms, new_head, model_state)), grads = grad_fn(state["params"])
+    # b takes its data-dependent first value inside the head; this step's update applies to
+    # that value (as the official code, which initialises b in the forward pass).
+    params = {"backbone": state["params"]["backbone"], "head": new_head.params}
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    params = {"backbone": optim.clamp_prelu(params["backbone"]), "head": params["head"]}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    first_bad = jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
+                          state["first_nonfinite_step"])
+    new_state = {"params": params, "model_state": model_state,
+                 "head_buffers": new_head.buffers, "opt_state": opt_state, "step": step + 1,
+                 "first_nonfinite_step": first_bad}
+    metrics = {"loss": loss, "s2c": jnp.mean(terms["s2c"]),
+               "s2s": jnp.where(s2s_active, jnp.mean(terms["s2s"]), 0.0),
+               "grad_norm": grad_norm, "lr": lr_schedule(step),
+               "threshold_t": params["head"].bias / config.loss.s2s_scale,
+               "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
+                                         .astype(jnp.float32))}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def _set_bn_groups(model: nnx.Module, groups: int) -> None:
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, models.BatchNorm):
+      module.num_groups = groups
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, SLURM time limit) -> save at the next step boundary, exit 0."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+  def reached(self, step: int, ckpt: checkpoint_lib.Checkpoints) -> bool:
+    if jax.process_count() > 1:
+      # All hosts must agree on the step, or the collective save would hang.
+      return ckpt.reached_preemption(step)
+    return self.requested.is_set()
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _eval_sets(config):
+  from unitsface_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
+  paths = list(config.eval.bins)
+  if not paths and config.data.source == "demo":
+    paths = [str(demo_data.demo_bin_path())]
+  return verification.load_sets(paths) if paths else []
+
+
+def evaluate(config, graphdef, rng_state, state, sets) -> dict[str, float]:
+  """Flip-fused verification accuracy of the current backbone on each set."""
+  from unitsface_jax.evaluation import extract, verification  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, state["params"]["backbone"], state["model_state"], rng_state,
+                    copy=True)
+  model.eval()
+  results = verification.evaluate_sets(extract.nnx_apply_fn(model), sets,
+                                       batch_size=config.eval.batch_size)
+  return {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+  """Trains (resuming from WORKDIR's latest checkpoint) and returns the last metrics."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # ---------------------------------------------------------------- mesh
+  mesh = parallel.mesh_from_config(config)
+  n_dev, n_proc = mesh.size, jax.process_count()
+  if config.batch_size % n_dev or config.batch_size % n_proc:
+    raise ValueError(f"config.batch_size = {config.batch_size} must divide evenly over "
+                     f"{n_dev} devices and {n_proc} processes")
+
+  # ---------------------------------------------------------------- input pipeline
+  source = make_source(config)
+  if source.num_classes != config.data.num_classes:
+    raise ValueError(f"config.data.num_classes = {config.data.num_classes} but the source "
+                     f"has {source.num_classes} classes")
+  local_batch = config.batch_size // n_proc
+  steps_per_epoch = pipeline_lib.steps_per_epoch(len(source), config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  data = pipeline_lib.PipelineIterator(
+      source, pipeline_lib.PipelineConfig(
+          batch_size=local_batch, seed=config.seed, worker_count=config.data.num_workers,
+          skip_bad_records=config.data.skip_bad_records),
+      process_index=jax.process_index(), process_count=n_proc)
+
+  # ---------------------------------------------------------------- model, head, optimiser
+  tx = optim.sgd(config, steps_per_epoch * config.optimizer.grad_accum_steps)
+  graphdef, rng_state, state = init_state(config, mesh, tx, jax.random.key(config.seed))
+  train_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
+
+  # ---------------------------------------------------------------- checkpoint restore
+  ckpt = checkpoint_lib.Checkpoints(workdir, every_steps=config.checkpoint_every_steps,
+                                    keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, checkpoint_lib.abstract_like(state), data_iterator=data)
+    logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  start_step = int(state["step"])
+  if start_step != (latest or 0):
+    raise RuntimeError(f"checkpoint {latest} holds step {start_step}")
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  # ---------------------------------------------------------------- loop
+  writer = metrics_lib.MetricWriter(workdir)
+  eval_sets = _eval_sets(config) if config.eval.every_steps > 0 else []
+  preemption = _Preemption()
+  last = {}
+  t0, t_steps = time.time(), 0
+  try:
+    for step in range(start_step, total_steps):
+      batch = next(data)
+      images, labels = parallel.global_batch((batch["image"], batch["label"]), mesh)
+      state, metrics = train_step(state, images, labels)
+      t_steps += 1
+      done = step + 1
+      log_now = done % config.log_every_steps == 0 or done == total_steps
+      save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+      epoch_end = done % steps_per_epoch == 0
+      if log_now or save_now or epoch_end:
+        _check_finite(state, done)
+      if log_now:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - t0
+        m["samples_per_s"] = t_steps * config.batch_size / max(elapsed, 1e-9)
+        m["epoch"] = step / steps_per_epoch
+        eta = (total_steps - done) * elapsed / max(t_steps, 1)
+        logging.info("step %d/%d epoch %.2f loss %.4f (s2c %.4f s2s %.4f) lr %.4g t %.4f "
+                     "%.1f img/s ETA %.0fs", done, total_steps, m["epoch"], m["loss"],
+                     m["s2c"], m["s2s"], m["lr"], m["threshold_t"], m["samples_per_s"], eta)
+        writer.write(done, m)
+        last = m
+      if eval_sets and (done % config.eval.every_steps == 0 or done == total_steps):
+        results = evaluate(config, graphdef, rng_state, state, eval_sets)
+        logging.info("step %d %s", done, results)
+        writer.write(done, results)
+        last.update(results)
+      if save_now or epoch_end:
+        ckpt.save(done, state, data_iterator=data, config=config, force=epoch_end)
+      if preemption.reached(done, ckpt):
+        logging.warning("preemption requested: saving step %d and stopping", done)
+        _check_finite(state, done)
+        ckpt.save(done, state, data_iterator=data, config=config, force=True)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    data.close()
+    preemption.restore()
+  return last
+
+
+def _check_finite(state, step: int) -> None:
+  bad = int(state["first_nonfinite_step"])
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f"the loss or gradient norm became NaN/inf at step {bad + 1} (checked at step {step}); "
+        "stopping without saving, the last good checkpoint is kept")
