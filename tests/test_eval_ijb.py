@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from unitsface_jax.evaluation import _align, ijb, metrics
+from unitsface_jax.data import align
+from unitsface_jax.evaluation import ijb, metrics
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,13 @@ def test_similarity_transform_recovers_a_known_transform():
   ang, scale, t = 0.3, 1.7, np.array([12.0, -4.0])
   rot = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
   src = rng.normal(size=(5, 2)) * 30
-  m = _align.similarity_transform(src, src @ rot.T + t)
+  m = align.umeyama(src, src @ rot.T + t)
   np.testing.assert_allclose(m, np.c_[rot, t], atol=1e-9)
 
 
 def test_alignment_reproduces_the_centre_crop(root, meta):
   # The fixture's landmarks are the ArcFace template mapped by 50 + p * 150 / 112.
-  m = _align.similarity_transform(meta.landmarks[0], _align.ARCFACE_TEMPLATE)
+  m = align.estimate_transform(meta.landmarks[0])
   s = 112 / 150
   np.testing.assert_allclose(m, [[s, 0, -50 * s], [0, s, -50 * s]], atol=2e-3)
   crops = next(ijb.aligned_crops(root, meta, chunk=4))

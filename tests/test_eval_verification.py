@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from unitsface_jax.evaluation import _align, metrics, verification
+from unitsface_jax.data import align
+from unitsface_jax.evaluation import metrics, verification
 
 
 # ---------------------------------------------------------------- reference implementations
@@ -204,7 +205,7 @@ def test_pairs_txt_over_image_folder(data_dir, tmp_path):
                                .read_bytes(), colorspace="RGB")
   lmk = np.array([101.287, 119.236, 148.480, 118.975, 125.034, 146.076, 105.646, 173.704,
                   144.728, 173.488]).reshape(5, 2)
-  aligned = _align.norm_crop(src, lmk)
+  aligned = align.align_face(src, lmk)
   assert np.abs(aligned.astype(int) - data.images[0]).mean() < 1.0
   with pytest.raises(ValueError, match="header"):
     (tmp_path / "bad.txt").write_text("2\t4\n" + "\n".join(matched) + "\n")

@@ -101,3 +101,18 @@ def align_face(image: np.ndarray, landmarks, image_size: int = 112) -> np.ndarra
   """Aligns a face: five landmarks ([5, 2], x then y, in ``image`` pixels) -> square crop."""
   matrix = estimate_transform(landmarks, image_size)
   return warp_affine(image, matrix, (image_size, image_size))
+
+
+def center_crop(image: np.ndarray, image_size: int = 112) -> np.ndarray:
+  """The central 150/250 of an unaligned LFW-style image, scaled to ``image_size``.
+
+  On centred 250x250 LFW faces this approximates ``align_face`` with the template mapped into
+  the 250x250 frame (shared/data/formats/README.md, "LFW -> 112x112"); for pairs lists over
+  image folders without landmarks.
+  """
+  h, w = np.asarray(image).shape[:2]
+  side = min(h, w) * 150.0 / 250.0
+  s = image_size / side
+  x0, y0 = (w - side) / 2.0, (h - side) / 2.0
+  matrix = np.array([[s, 0.0, -x0 * s], [0.0, s, -y0 * s]])
+  return warp_affine(image, matrix, (image_size, image_size))

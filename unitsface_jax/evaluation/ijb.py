@@ -24,7 +24,8 @@ import numpy as np
 import simplejpeg
 from etils import epath
 
-from unitsface_jax.evaluation import _align, extract, metrics
+from unitsface_jax.data import align
+from unitsface_jax.evaluation import extract, metrics
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, chunk: int = 256
   def one(i: int) -> np.ndarray:
     img = simplejpeg.decode_jpeg((crop_dir / meta.image_names[i]).read_bytes(),
                                  colorspace="RGB")
-    return _align.norm_crop(img, meta.landmarks[i], image_size)
+    return align.align_face(img, meta.landmarks[i], image_size)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     for a in range(0, meta.image_names.size, chunk):

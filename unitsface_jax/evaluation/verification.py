@@ -27,7 +27,7 @@ from etils import epath
 from PIL import Image
 
 from unitsface_jax.evaluation import extract, metrics
-from unitsface_jax.evaluation import _align
+from unitsface_jax.data import align
 
 # Opcodes that build only the admitted types or move data between stack, mark and memo.
 # Everything else (GLOBAL, STACK_GLOBAL, REDUCE, BUILD, INST, OBJ, NEWOBJ*, EXT*, PERSID*,
@@ -212,7 +212,7 @@ def load_pairs(image_dir: str | epath.PathLike, pairs_path: str | epath.PathLike
       img = (simplejpeg.decode_jpeg(data, colorspace="RGB") if data[:2] == b"\xff\xd8"
              else np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
       if crop == "center":
-        img = _align.center_crop(img, image_size)
+        img = align.center_crop(img, image_size)
       elif crop == "aligned":
         img = _fit(img, image_size)
       else:
