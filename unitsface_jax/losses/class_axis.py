@@ -59,7 +59,8 @@ def masked_logsumexp(logits: jax.Array, mask: jax.Array, *,
     [B] log-sum-exp.
   """
   masked = jnp.where(mask, logits, -jnp.inf)
-  shift = jax.lax.stop_gradient(class_max(jnp.max(masked, axis=-1)))
+  # Stopped before the reduction, so no tangent ever reaches ``class_max``.
+  shift = class_max(jax.lax.stop_gradient(jnp.max(masked, axis=-1)))
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   total = class_sum(jnp.sum(jnp.where(mask, jnp.exp(masked - shift[:, None]), 0.0), axis=-1))
   # Double where: log(0) is -inf and its gradient would be inf * 0 = NaN for empty rows.

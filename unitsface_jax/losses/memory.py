@@ -37,8 +37,8 @@ def write_memory(memory: jax.Array, seen: jax.Array, features: jax.Array,
   Returns:
     (new memory [C, D], new seen [C]).
   """
+  memory, seen, labels = jnp.asarray(memory), jnp.asarray(seen), jnp.asarray(labels)
   num_rows = memory.shape[0]
-  labels = jnp.asarray(labels)
   keep = last_occurrence(labels) & (labels >= 0) & (labels < num_rows)
   rows = jnp.where(keep, labels, num_rows)  # num_rows is out of bounds: dropped
   features = jax.lax.stop_gradient(features).astype(memory.dtype)

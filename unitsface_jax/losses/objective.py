@@ -13,9 +13,14 @@ def cosine_similarity(features: jax.Array, centers: jax.Array, *,
   dtype = jnp.promote_types(jnp.result_type(features), jnp.float32)
   f = features.astype(dtype)
   w = centers.astype(dtype)
-  f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), eps)
-  w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
-  return f @ w.T
+  return _normalize(f, eps) @ _normalize(w, eps).T
+
+
+def _normalize(x, eps):
+  # max(‖x‖, eps) as sqrt(max(‖x‖², eps²)): the norm's gradient x/‖x‖ is 0/0 at x = 0
+  # (padded class rows, empty memory rows), and 0·NaN would poison the backward pass.
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def unitsface_objective(s2c_loss: jax.Array, s2s_loss: jax.Array, epoch, *,
