@@ -5,7 +5,8 @@ count (it must be set before JAX starts, which is why these checks live in their
 process). Exits non-zero with the failing assertion on any mismatch.
 
 Modes:
-  equality N1,N2,...   the head on each device count vs. the single-device loss functions.
+  equality N1,N2,...   the head on each device count vs. the single-device loss functions;
+                       then: no compiled per-device array has a dimension of C.
   partialfc            sampling keeps every positive; the loss equals the full loss restricted
                        to the sampled classes; unsampled rows of W get no gradient.
   distributed PORT I N OUT   process I of N (jax.distributed on 127.0.0.1:PORT): run the
@@ -188,6 +189,28 @@ def check_equality(device_counts):
       print(f"ok {name} n={n}", flush=True)
 
 
+def check_no_full_logits():
+  """No array in the compiled per-device step has a class dimension of C (only C/n)."""
+  import re  # pylint: disable=g-import-not-at-top
+  num_classes, batch, n = 40, 16, 4
+  config = head.HeadConfig(num_classes, DIM)
+  mesh = parallel.make_mesh(n)
+  step = sharded_step_fn(config, mesh)
+  state = place_state(mesh, config, np.ones((num_classes, DIM), np.float32),
+                      np.ones((num_classes, DIM), np.float32), np.ones(num_classes, bool))
+  batch_sh = parallel.batch_sharding(mesh)
+  hlo = step.lower(state.params, jax.device_put(np.ones((batch, DIM), np.float32), batch_sh),
+                   state.buffers, jax.device_put(np.zeros(batch, np.int32), batch_sh),
+                   jax.random.key(0)).compile().as_text()
+  shapes = {tuple(int(d) for d in shape.split(","))
+            for shape in re.findall(r"\[([0-9]+(?:,[0-9]+)+)\]", hlo)}
+  assert (batch, num_classes // n) in shapes, sorted(shapes)  # local logits are there...
+  # ...and no matrix spans all classes (a [C] vector may: the zero gradient of the unused
+  # s2s BCE class bias comes out replicated).
+  assert not [sh for sh in shapes if num_classes in sh], sorted(shapes)
+  print("ok no [B, C] arrays", flush=True)
+
+
 def check_partialfc():
   """r < 1 on 4 devices: forced positives, restricted-loss equality, no gradient elsewhere."""
   num_classes, batch, n = 64, 8, 4
@@ -273,6 +296,7 @@ def main(argv):
   mode = argv[1]
   if mode == "equality":
     check_equality([int(n) for n in argv[2].split(",")])
+    check_no_full_logits()
   elif mode == "partialfc":
     check_partialfc()
   elif mode == "distributed":

@@ -44,6 +44,7 @@ def test_sharded_head_equals_single_device_losses_on_1_2_4_8_devices():
     assert f"ok cosface_uss n={n}" in out
   for name in ("arcface_uss_paper", "cosface_s2s_softmax", "cosface_s2s_bce", "bf16_storage"):
     assert f"ok {name} n=4" in out
+  assert "ok no [B, C] arrays" in out
 
 
 def test_partial_fc_forces_positives_and_equals_restricted_loss():
