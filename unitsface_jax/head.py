@@ -146,6 +146,65 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
   return jax.jit(init, out_shardings=head_shardings(mesh))(key)
 
 
+def _pick_classes(key, offset, local_labels, real, num_sampled_classes):
+  """PartialFC: the k local rows used this step, every positive of the global batch forced.
+
+  Positives score 2, other real classes U[0, 1), padding −1; the top k are all positives
+  plus uniformly random negatives, since k ≥ global batch ≥ #positives. Fixed k keeps every
+  shape static (insightface partial_fc_v2.py samples a data-dependent count).
+  """
+  local = real.shape[0]
+  if num_sampled_classes >= local:
+    return jnp.arange(local)
+  rows = jnp.where(local_labels >= 0, local_labels, local)  # local: dropped
+  positive = jnp.zeros((local,), jnp.bool_).at[rows].set(True, mode="drop")
+  noise = jax.random.uniform(jax.random.fold_in(key, offset), (local,))
+  score = jnp.where(positive, 2.0, jnp.where(real, noise, -1.0))
+  return jnp.sort(jax.lax.top_k(score, num_sampled_classes)[1])
+
+
+def _s2s_term(config, cos_m, target, valid, bias, class_bias, picked, s2s_active,
+              initialized, class_max, class_sum):
+  """The sample-to-sample loss [B] with the first-use bias logic.
+
+  Returns:
+    (loss [B], b to store, class biases to store, whether b is initialised after this step).
+  """
+  ready = s2s_active
+  first_use = jnp.zeros((), jnp.bool_)
+  if config.s2s_loss in ("uss", "s2s_bce"):
+    # b takes its first value on the first active step whose batch has a valid negative:
+    # an empty memory gives no value (head.py instead re-initialises while b <= 0).
+    negative_lse = sample_to_sample.negative_logsumexp(
+        cos_m, target, valid, scale=config.s2s_scale, class_max=class_max,
+        class_sum=class_sum)
+    init = sample_to_sample.mean_finite(negative_lse)
+    ready = s2s_active & jnp.any(jnp.isfinite(negative_lse))
+    first_use = ready & ~initialized
+  new_initialized = initialized | ready
+  if config.s2s_loss == "uss":
+    bias = sample_to_sample.threshold_bias_for_step(bias, ~first_use, init)
+    pos, neg = sample_to_sample.uss_parts(
+        cos_m, target, valid, bias, scale=config.s2s_scale, margin=config.s2s_margin,
+        form=config.uss_form, class_max=class_max, class_sum=class_sum)
+    return pos + neg, bias, class_bias, new_initialized
+  if config.s2s_loss == "s2s_bce":
+    # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
+    class_bias = class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
+    pos, neg = class_axis.threshold_bce(
+        cos_m, target, valid, class_bias[picked], scale=config.s2s_scale,
+        margin=config.s2s_margin, class_sum=class_sum)
+    return pos + neg, bias, class_bias, new_initialized
+  if config.s2s_loss == "s2s_softmax":
+    logits = config.s2s_scale * (cos_m - config.s2s_margin * target)
+    loss = class_axis.softmax_cross_entropy(logits, target, valid, class_max=class_max,
+                                            class_sum=class_sum)
+    return loss, bias, class_bias, new_initialized
+  if config.s2s_loss == "none":
+    return jnp.zeros(cos_m.shape[:1], cos_m.dtype), bias, class_bias, new_initialized
+  raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
+
+
 def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bias, memory,
                 seen, initialized, embeddings, labels, key, s2s_active):
   """One device's share of the head step (runs inside ``jax.shard_map``)."""
@@ -160,28 +219,16 @@ def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bia
   local = w.shape[0]
   offset = jax.lax.axis_index(DEVICE_AXIS) * local
   local_labels = labels - offset
-  owned = (local_labels >= 0) & (local_labels < local)
-  local_labels = jnp.where(owned, local_labels, -1)
+  local_labels = jnp.where((local_labels >= 0) & (local_labels < local), local_labels, -1)
   real = offset + jnp.arange(local) < config.num_classes
-
-  if num_sampled_classes < local:
-    # PartialFC: positives score 2, other real classes U[0, 1), padding −1; the top k are
-    # all positives plus uniformly random negatives. k ≥ global batch ≥ #positives.
-    positive = jnp.zeros((local,), jnp.bool_).at[jnp.where(owned, local_labels, local)].set(
-        True, mode="drop")
-    noise = jax.random.uniform(jax.random.fold_in(key, offset), (local,))
-    score = jnp.where(positive, 2.0, jnp.where(real, noise, -1.0))
-    picked = jnp.sort(jax.lax.top_k(score, num_sampled_classes)[1])
-  else:
-    picked = jnp.arange(local)
+  picked = _pick_classes(key, offset, local_labels, real, num_sampled_classes)
   # Rows not picked are not read, so they get no gradient.
   w_sel = w[picked]
   m_sel = jax.lax.stop_gradient(memory[picked])
   sel_real = real[picked]
   target = local_labels[:, None] == picked[None, :]
-  shape = (labels.shape[0], num_sampled_classes)
+  shape = (labels.shape[0], picked.shape[0])
 
-  # Sample-to-class term.
   cos_w = losses.cosine_similarity(features, w_sel)
   if config.s2c_loss == "cosface":
     logits = config.s2c_scale * (cos_w - config.s2c_margin * target)
@@ -197,45 +244,16 @@ def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bia
   # Sample-to-sample term against the memory as it was before this step's write.
   cos_m = losses.cosine_similarity(features, m_sel)
   valid = jnp.broadcast_to(seen[picked] & sel_real, shape)
-  new_bias, new_class_bias = bias, class_bias
-  ready = s2s_active
-  if config.s2s_loss in ("uss", "s2s_bce"):
-    # b takes its first value on the first active step whose batch has a valid negative:
-    # an empty memory gives no value (head.py instead re-initialises while b <= 0).
-    negative_lse = sample_to_sample.negative_logsumexp(
-        cos_m, target, valid, scale=config.s2s_scale, class_max=class_max,
-        class_sum=class_sum)
-    init = sample_to_sample.mean_finite(negative_lse)
-    ready = s2s_active & jnp.any(jnp.isfinite(negative_lse))
-  first_use = ready & ~initialized
-  if config.s2s_loss == "uss":
-    new_bias = sample_to_sample.threshold_bias_for_step(bias, ~first_use, init)
-    pos, neg = sample_to_sample.uss_parts(
-        cos_m, target, valid, new_bias, scale=config.s2s_scale, margin=config.s2s_margin,
-        form=config.uss_form, class_max=class_max, class_sum=class_sum)
-    s2s = pos + neg
-  elif config.s2s_loss == "s2s_bce":
-    # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
-    new_class_bias = class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
-    pos, neg = class_axis.threshold_bce(
-        cos_m, target, valid, new_class_bias[picked], scale=config.s2s_scale,
-        margin=config.s2s_margin, class_sum=class_sum)
-    s2s = pos + neg
-  elif config.s2s_loss == "s2s_softmax":
-    logits = config.s2s_scale * (cos_m - config.s2s_margin * target)
-    s2s = class_axis.softmax_cross_entropy(logits, target, valid, class_max=class_max,
-                                           class_sum=class_sum)
-  elif config.s2s_loss == "none":
-    s2s = jnp.zeros_like(s2c)
-  else:
-    raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
+  s2s, new_bias, new_class_bias, new_initialized = _s2s_term(
+      config, cos_m, target, valid, bias, class_bias, picked, s2s_active, initialized,
+      class_max, class_sum)
 
   # Memory write to the rows this device owns; last occurrence in the GLOBAL batch wins
   # because every device sees the same gathered batch in the same order.
   new_memory, new_seen = losses.write_memory(memory, seen, features, local_labels)
   sampled = jnp.where(sel_real, offset + picked, -1)
   return (s2c, s2s, sampled, new_bias, new_class_bias, new_memory, new_seen,
-          initialized | ready)
+          new_initialized)
 
 
 def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
@@ -254,7 +272,8 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
     labels: [B] int labels in [0, C), batch-sharded.
     config: what to compute.
     mesh: the 1-D mesh of ``parallel.make_mesh``.
-    key: PRNG key for PartialFC sampling; required when ``config.sample_rate < 1``.
+    key: PRNG key for PartialFC sampling, a fresh one every step; required when
+      ``config.sample_rate < 1``.
     s2s_active: bool (may be traced): whether the sample-to-sample term is in use this step;
       b takes its data-dependent first value (``losses.init_threshold_bias`` on the global
       batch) on the first active step that has a valid negative, and only then.
