@@ -229,6 +229,7 @@ def check_partialfc():
   step = sharded_step_fn(config, mesh)
   state = place_state(mesh, config, w, memory, seen, bias=20.0, initialized=True)
   batch_sh = parallel.batch_sharding(mesh)
+  negatives_seen = []
   for seed in range(3):
     (value, (terms, _)), (g_params, g_emb) = step(
         state.params, jax.device_put(emb, batch_sh), state.buffers,
@@ -261,7 +262,9 @@ def check_partialfc():
     assert np.all(gw[unsampled] == 0), "an unsampled row got gradient"
     full = np.abs(gw).sum(1) > 0
     assert full[labels].all(), "a positive row got no gradient"
+    negatives_seen.append(tuple(sampled[k:]))
   # Different keys pick different negatives (the sampling is random, not fixed).
+  assert len(set(negatives_seen)) > 1, negatives_seen
   print("ok partialfc", flush=True)
 
 
@@ -302,6 +305,8 @@ def main(argv):
   elif mode == "distributed":
     port, index, count, out = argv[2], int(argv[3]), int(argv[4]), argv[5]
     parallel.initialize_distributed(f"127.0.0.1:{port}", count, index)
+    parallel.initialize_distributed(f"127.0.0.1:{port}", count, index)  # guarded: a no-op
+    assert jax.process_count() == count and jax.local_device_count() == 2
     run_scenario_and_save(out)
     jax.distributed.shutdown()
   elif mode == "single":

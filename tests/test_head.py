@@ -126,6 +126,16 @@ def test_head_requires_key_when_sampling():
     head.head_loss(state, jnp.ones((2, 4)), jnp.array([0, 1]), config=config, mesh=mesh)
 
 
+def test_mesh_from_config_takes_the_device_count():
+  class Config:
+    num_devices = 1
+
+  assert parallel.mesh_from_config(Config()).devices.size == 1
+  assert parallel.mesh_from_config(object()).devices.size == jax.device_count()
+  with pytest.raises(ValueError, match="available"):
+    parallel.make_mesh(jax.device_count() + 1)
+
+
 def test_global_batch_from_process_local_data():
   mesh = parallel.make_mesh()
   x, y = parallel.global_batch((np.ones((4, 3), np.float32), np.arange(4)), mesh)
