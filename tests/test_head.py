@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from unitsface_jax import head
+from unitsface_jax import losses
 from unitsface_jax import parallel
 
 CHECK = pathlib.Path(__file__).resolve().parent / "head_check.py"
@@ -141,3 +142,27 @@ def test_global_batch_from_process_local_data():
   x, y = parallel.global_batch((np.ones((4, 3), np.float32), np.arange(4)), mesh)
   assert x.shape == (4, 3) and x.sharding == parallel.batch_sharding(mesh)
   np.testing.assert_array_equal(y, np.arange(4))
+
+
+def test_s2s_schedule_initialises_b_on_first_active_step_only():
+  """Epoch 0 (inactive): memory fills, b untouched; first active step: b = init value."""
+  mesh = parallel.make_mesh(1)
+  config = head.HeadConfig(num_classes=6, embedding_dim=4)
+  state = head.init_head_state(jax.random.key(0), config, mesh)
+  rng = np.random.default_rng(0)
+  emb = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  labels = jnp.arange(6)
+  step = jax.jit(lambda st, active: head.head_loss(st, emb, labels, config=config, mesh=mesh,
+                                                   s2s_active=active))
+  _, state = step(state, False)
+  assert not bool(state.buffers.initialized) and float(state.params.bias) == 0.0
+  assert np.all(state.buffers.seen[:6])
+  cos_m = losses.cosine_similarity(emb, state.buffers.memory[:6])
+  expected = losses.init_threshold_bias(cos_m, labels, valid=state.buffers.seen[:6])
+  terms, state = step(state, True)
+  assert bool(state.buffers.initialized)
+  np.testing.assert_allclose(state.params.bias, expected, rtol=1e-6)
+  np.testing.assert_allclose(terms["s2s"], losses.uss(cos_m, labels, expected), rtol=1e-5)
+  state = state._replace(params=state.params._replace(bias=jnp.float32(3.0)))
+  _, state = step(state, True)
+  assert float(state.params.bias) == 3.0  # never re-initialised
