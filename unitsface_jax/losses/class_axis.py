@@ -114,9 +114,17 @@ def threshold_bce(cos: jax.Array, target: jax.Array, mask: jax.Array, bias: jax.
   Returns:
     ([B] positive term, [B] sum of negative terms).
   """
-  pos = jax.nn.softplus(-clip_through(scale * (cos - margin) - bias, -scale, scale))
+  # The positive term needs one cosine per sample: take c_y (and b_y) from the shard that
+  # owns it and evaluate softplus on [B], not on the whole [B, C_local] block.
+  positive = target & mask
+  has_positive = class_sum(jnp.sum(positive, axis=-1, dtype=cos.dtype)) > 0
+  cos_y = class_sum(jnp.sum(jnp.where(positive, cos, 0.0), axis=-1))
+  bias = jnp.asarray(bias)
+  bias_y = bias if bias.ndim == 0 else class_sum(
+      jnp.sum(jnp.where(positive, bias, 0.0), axis=-1))
+  pos = jax.nn.softplus(-clip_through(scale * (cos_y - margin) - bias_y, -scale, scale))
+  pos = jnp.where(has_positive, pos, 0.0)
   neg = jax.nn.softplus(clip_through(scale * cos - bias, -scale, scale))
-  pos = class_sum(jnp.sum(jnp.where(target & mask, pos, 0.0), axis=-1))
   neg = class_sum(jnp.sum(jnp.where(~target & mask, neg, 0.0), axis=-1))
   return pos, neg
 
