@@ -47,6 +47,8 @@ class HeadConfig:
     uss_form: "code" or "paper" (see ``losses.uss``).
     sample_rate: PartialFC r; 1 keeps every class.
     storage_dtype: dtype of W and M in memory ("float32" or "bfloat16"); compute is fp32.
+    matmul_precision: precision of the cosine matmuls ("highest": fp32; None: the backend
+      default, a single bf16 pass on TPU: cheaper, less exact).
   """
   num_classes: int
   embedding_dim: int = 512
@@ -60,6 +62,7 @@ class HeadConfig:
   uss_form: str = "code"
   sample_rate: float = 1.0
   storage_dtype: str = "float32"
+  matmul_precision: str | None = "highest"
 
 
 class HeadParams(NamedTuple):
@@ -229,7 +232,7 @@ def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bia
   target = local_labels[:, None] == picked[None, :]
   shape = (labels.shape[0], picked.shape[0])
 
-  cos_w = losses.cosine_similarity(features, w_sel)
+  cos_w = losses.cosine_similarity(features, w_sel, precision=config.matmul_precision)
   if config.s2c_loss == "cosface":
     logits = config.s2c_scale * (cos_w - config.s2c_margin * target)
   elif config.s2c_loss == "arcface":
@@ -242,7 +245,7 @@ def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bia
                                          class_max=class_max, class_sum=class_sum)
 
   # Sample-to-sample term against the memory as it was before this step's write.
-  cos_m = losses.cosine_similarity(features, m_sel)
+  cos_m = losses.cosine_similarity(features, m_sel, precision=config.matmul_precision)
   valid = jnp.broadcast_to(seen[picked] & sel_real, shape)
   s2s, new_bias, new_class_bias, new_initialized = _s2s_term(
       config, cos_m, target, valid, bias, class_bias, picked, s2s_active, initialized,

@@ -8,7 +8,7 @@ through ``class_axis``.
 
 from unitsface_jax.losses.memory import last_occurrence
 from unitsface_jax.losses.memory import write_memory
-from unitsface_jax.losses.objective import cosine_similarity
+from unitsface_jax.losses.cosine import cosine_similarity
 from unitsface_jax.losses.objective import unitsface_objective
 from unitsface_jax.losses.sample_to_class import arcface
 from unitsface_jax.losses.sample_to_class import cosface

@@ -4,25 +4,6 @@ import jax
 import jax.numpy as jnp
 
 
-def cosine_similarity(features: jax.Array, centers: jax.Array, *,
-                      eps: float = 1e-5) -> jax.Array:
-  """cos(f_i, w_j) [B, C] in fp32, each vector divided by max(‖·‖, eps).
-
-  Reference: CVI-SZU/UniTSFace head.py (``F.normalize(..., eps=1e-5)`` on both sides).
-  """
-  dtype = jnp.promote_types(jnp.result_type(features), jnp.float32)
-  f = features.astype(dtype)
-  w = centers.astype(dtype)
-  return _normalize(f, eps) @ _normalize(w, eps).T
-
-
-def _normalize(x, eps):
-  # max(‖x‖, eps) as sqrt(max(‖x‖², eps²)): the norm's gradient x/‖x‖ is 0/0 at x = 0
-  # (padded class rows, empty memory rows), and 0·NaN would poison the backward pass.
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
 def unitsface_objective(s2c_loss: jax.Array, s2s_loss: jax.Array, epoch, *,
                         s2c_weight: float = 1.0, s2s_weight: float = 1.0,
                         s2s_start_epoch: int = 1) -> jax.Array:
