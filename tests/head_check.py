@@ -15,6 +15,7 @@ Modes:
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -191,7 +192,6 @@ def check_equality(device_counts):
 
 def check_no_full_logits():
   """No array in the compiled per-device step has a class dimension of C (only C/n)."""
-  import re  # pylint: disable=g-import-not-at-top
   num_classes, batch, n = 40, 16, 4
   config = head.HeadConfig(num_classes, DIM)
   mesh = parallel.make_mesh(n)

@@ -173,6 +173,9 @@ def make_case(seed, batch, num_classes, *, poles=False, mostly_invalid=False):
     if batch > 2:
       cos[2, labels[2]] = 1.0
       cos[2, (labels[2] + 1) % num_classes] = -1.0
+    if batch > 3:  # rounding can push a normalised dot product past 1; ArcFace clips it
+      cos[3, labels[3]] = 1.0 + 1e-5
+      cos[3, (labels[3] + 1) % num_classes] = -1.0 - 1e-5
   valid = np.ones(num_classes, bool)
   if mostly_invalid:
     valid = rng.uniform(size=num_classes) < 0.2
@@ -186,8 +189,8 @@ def make_case(seed, batch, num_classes, *, poles=False, mostly_invalid=False):
   return cos, labels, scalar_bias, class_bias, valid
 
 
-# Rows 0-2 of the "poles" cases sit at cos = ±1, the others are random; each case is one
-# compilation per loss and dtype, so the list is kept short.
+# Rows 0-3 of the "poles" cases sit at (or just past) cos = ±1, the others are random; each
+# case is one compilation per loss and dtype, so the list is kept short.
 CONFIGS = {
     "poles": dict(seed=1, batch=6, num_classes=9, poles=True),
     "batch1": dict(seed=2, batch=1, num_classes=5),
