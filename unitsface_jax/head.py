@@ -1,0 +1,309 @@
+"""The class-sharded UniTSFace head: margin softmax and sample-to-sample loss over all devices.
+
+The class centres W [C, D], the memory bank M [C, D] and its ``seen`` mask are split in
+contiguous row blocks of ⌈C/n⌉ over the n devices of the mesh (C is padded to n·⌈C/n⌉; padded
+rows are masked out). Inside ``jax.shard_map`` each device all-gathers the global batch of
+embeddings and labels, computes cosines against its own rows only, and finishes the class
+reductions of the loss family (``unitsface_jax.losses``) with ``psum``/``pmax``: logits exist
+only as [global batch, local classes] per device, never [global batch, C]. Then each device
+writes the batch's features into the memory rows it owns (last occurrence wins across the
+global batch). PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
+partial_fc_v2.py) keeps a fixed number k of local classes per step, positives forced, so the
+step compiles once.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from unitsface_jax import losses
+from unitsface_jax.losses import class_axis
+from unitsface_jax.losses import sample_to_class
+from unitsface_jax.losses import sample_to_sample
+from unitsface_jax.parallel import DEVICE_AXIS
+from unitsface_jax.parallel import padded_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """What the head computes; hashable, so it can be a static argument of ``jax.jit``.
+
+  Attributes:
+    num_classes: C, the number of identities.
+    embedding_dim: D.
+    s2c_loss: "cosface" or "arcface".
+    s2c_scale: s of the sample-to-class loss.
+    s2c_margin: m of the sample-to-class loss (CosFace 0.4, ArcFace 0.5).
+    arcface_straight_through: ArcFace margin without gradient (insightface behaviour).
+    s2s_loss: "uss", "s2s_softmax", "s2s_bce" or "none".
+    s2s_scale: s of the sample-to-sample loss.
+    s2s_margin: m of the sample-to-sample loss.
+    uss_form: "code" or "paper" (see ``losses.uss``).
+    sample_rate: PartialFC r; 1 keeps every class.
+    storage_dtype: dtype of W and M in memory ("float32" or "bfloat16"); compute is fp32.
+    matmul_precision: precision of the cosine matmuls ("highest": fp32; None: the backend
+      default, a single bf16 pass on TPU: cheaper, less exact).
+  """
+  num_classes: int
+  embedding_dim: int = 512
+  s2c_loss: str = "cosface"
+  s2c_scale: float = 64.0
+  s2c_margin: float = 0.4
+  arcface_straight_through: bool = False
+  s2s_loss: str = "uss"
+  s2s_scale: float = 64.0
+  s2s_margin: float = 0.1
+  uss_form: str = "code"
+  sample_rate: float = 1.0
+  storage_dtype: str = "float32"
+  matmul_precision: str | None = "highest"
+
+
+class HeadParams(NamedTuple):
+  """Trainable head parameters (differentiate the loss w.r.t. these).
+
+  Attributes:
+    w: [C_pad, D] class centres, class-sharded.
+    bias: [] the USS bias b (threshold t = b/s), replicated.
+    class_bias: [C_pad] the per-class bias of s2s BCE, class-sharded.
+  """
+  w: jax.Array
+  bias: jax.Array
+  class_bias: jax.Array
+
+
+class HeadBuffers(NamedTuple):
+  """Non-trainable head state.
+
+  Attributes:
+    memory: [C_pad, D] last feature seen per class, class-sharded.
+    seen: [C_pad] bool, memory rows written at least once, class-sharded.
+    initialized: [] bool, b (and the class biases) took their data-dependent first value.
+  """
+  memory: jax.Array
+  seen: jax.Array
+  initialized: jax.Array
+
+
+class HeadState(NamedTuple):
+  params: HeadParams
+  buffers: HeadBuffers
+
+
+def num_local_classes(config: HeadConfig, num_shards: int) -> int:
+  """⌈C/n⌉, the rows of W and M each device owns."""
+  return padded_classes(config.num_classes, num_shards) // num_shards
+
+
+def num_sampled(config: HeadConfig, num_shards: int, global_batch: int) -> int:
+  """k, classes kept per device: max(⌈r·C_local⌉, global batch), at most C_local.
+
+  At least the global batch, so that every positive of the batch fits even if all of them
+  live on one device (insightface partial_fc_v2.py samples a variable count instead).
+  """
+  local = num_local_classes(config, num_shards)
+  if config.sample_rate >= 1.0:
+    return local
+  return min(local, max(math.ceil(config.sample_rate * local), global_batch))
+
+
+def head_specs() -> HeadState:
+  """PartitionSpecs of the head state: rows split over ``DEVICE_AXIS``, scalars replicated."""
+  rows = P(DEVICE_AXIS)
+  return HeadState(HeadParams(w=rows, bias=P(), class_bias=rows),
+                   HeadBuffers(memory=rows, seen=rows, initialized=P()))
+
+
+def head_shardings(mesh: Mesh) -> HeadState:
+  """NamedShardings of the head state on ``mesh``."""
+  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), head_specs())
+
+
+def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState:
+  """A fresh head state created directly with its shardings.
+
+  W ~ N(0, 1/D), the kaiming-normal (a=1, fan_in) initialisation of CVI-SZU/UniTSFace
+  head.py; padded rows are zero. M is zero and unseen, b and the class biases are 0 until
+  their first use (head.py initialises b from data when it is ≤ 0).
+  """
+  padded = padded_classes(config.num_classes, mesh.shape[DEVICE_AXIS])
+  dtype = jnp.dtype(config.storage_dtype)
+
+  def init(key):
+    w = jax.random.normal(key, (padded, config.embedding_dim), jnp.float32)
+    w = w / math.sqrt(config.embedding_dim)
+    w = jnp.where((jnp.arange(padded) < config.num_classes)[:, None], w, 0.0)
+    params = HeadParams(w=w.astype(dtype), bias=jnp.zeros((), jnp.float32),
+                        class_bias=jnp.zeros((padded,), jnp.float32))
+    buffers = HeadBuffers(memory=jnp.zeros((padded, config.embedding_dim), dtype),
+                          seen=jnp.zeros((padded,), jnp.bool_),
+                          initialized=jnp.zeros((), jnp.bool_))
+    return HeadState(params, buffers)
+
+  return jax.jit(init, out_shardings=head_shardings(mesh))(key)
+
+
+def _pick_classes(key, offset, local_labels, real, num_sampled_classes):
+  """PartialFC: the k local rows used this step, every positive of the global batch forced.
+
+  Positives score 2, other real classes U[0, 1), padding −1; the top k are all positives
+  plus uniformly random negatives, since k ≥ global batch ≥ #positives. Fixed k keeps every
+  shape static (insightface partial_fc_v2.py samples a data-dependent count).
+  """
+  local = real.shape[0]
+  if num_sampled_classes >= local:
+    return jnp.arange(local)
+  rows = jnp.where(local_labels >= 0, local_labels, local)  # local: dropped
+  positive = jnp.zeros((local,), jnp.bool_).at[rows].set(True, mode="drop")
+  noise = jax.random.uniform(jax.random.fold_in(key, offset), (local,))
+  score = jnp.where(positive, 2.0, jnp.where(real, noise, -1.0))
+  return jnp.sort(jax.lax.top_k(score, num_sampled_classes)[1])
+
+
+def _s2s_term(config, cos_m, target, valid, bias, class_bias, picked, s2s_active,
+              initialized, class_max, class_sum):
+  """The sample-to-sample loss [B] with the first-use bias logic.
+
+  Returns:
+    (loss [B], b to store, class biases to store, whether b is initialised after this step).
+  """
+  ready = s2s_active
+  first_use = jnp.zeros((), jnp.bool_)
+  if config.s2s_loss in ("uss", "s2s_bce"):
+    # b takes its first value on the first active step whose batch has a valid negative:
+    # an empty memory gives no value (head.py instead re-initialises while b <= 0).
+    negative_lse = sample_to_sample.negative_logsumexp(
+        cos_m, target, valid, scale=config.s2s_scale, class_max=class_max,
+        class_sum=class_sum)
+    init = sample_to_sample.mean_finite(negative_lse)
+    ready = s2s_active & jnp.any(jnp.isfinite(negative_lse))
+    first_use = ready & ~initialized
+  new_initialized = initialized | ready
+  if config.s2s_loss == "uss":
+    bias = sample_to_sample.threshold_bias_for_step(bias, ~first_use, init)
+    pos, neg = sample_to_sample.uss_parts(
+        cos_m, target, valid, bias, scale=config.s2s_scale, margin=config.s2s_margin,
+        form=config.uss_form, class_max=class_max, class_sum=class_sum)
+    return pos + neg, bias, class_bias, new_initialized
+  if config.s2s_loss == "s2s_bce":
+    # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
+    class_bias = class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
+    pos, neg = class_axis.threshold_bce(
+        cos_m, target, valid, class_bias[picked], scale=config.s2s_scale,
+        margin=config.s2s_margin, class_sum=class_sum)
+    return pos + neg, bias, class_bias, new_initialized
+  if config.s2s_loss == "s2s_softmax":
+    logits = config.s2s_scale * (cos_m - config.s2s_margin * target)
+    loss = class_axis.softmax_cross_entropy(logits, target, valid, class_max=class_max,
+                                            class_sum=class_sum)
+    return loss, bias, class_bias, new_initialized
+  if config.s2s_loss == "none":
+    return jnp.zeros(cos_m.shape[:1], cos_m.dtype), bias, class_bias, new_initialized
+  raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
+
+
+def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bias, memory,
+                seen, initialized, embeddings, labels, key, s2s_active):
+  """One device's share of the head step (runs inside ``jax.shard_map``)."""
+  class_sum = functools.partial(jax.lax.psum, axis_name=DEVICE_AXIS)
+  class_max = functools.partial(jax.lax.pmax, axis_name=DEVICE_AXIS)
+  # Every device sees the whole global batch; the transpose (psum_scatter) brings each
+  # device's share of the embedding gradient back to the device that owns the sample.
+  features = jax.lax.all_gather(embeddings, DEVICE_AXIS, tiled=True)
+  labels = jax.lax.all_gather(labels, DEVICE_AXIS, tiled=True)
+  features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+
+  local = w.shape[0]
+  offset = jax.lax.axis_index(DEVICE_AXIS) * local
+  local_labels = labels - offset
+  local_labels = jnp.where((local_labels >= 0) & (local_labels < local), local_labels, -1)
+  real = offset + jnp.arange(local) < config.num_classes
+  picked = _pick_classes(key, offset, local_labels, real, num_sampled_classes)
+  # Rows not picked are not read, so they get no gradient.
+  w_sel = w[picked]
+  m_sel = jax.lax.stop_gradient(memory[picked])
+  sel_real = real[picked]
+  target = local_labels[:, None] == picked[None, :]
+  shape = (labels.shape[0], picked.shape[0])
+
+  cos_w = losses.cosine_similarity(features, w_sel, precision=config.matmul_precision)
+  if config.s2c_loss == "cosface":
+    logits = config.s2c_scale * (cos_w - config.s2c_margin * target)
+  elif config.s2c_loss == "arcface":
+    logits = sample_to_class.arcface_logits(
+        cos_w, target, scale=config.s2c_scale, margin=config.s2c_margin,
+        straight_through=config.arcface_straight_through)
+  else:
+    raise ValueError(f"unknown s2c_loss {config.s2c_loss!r}")
+  s2c = class_axis.softmax_cross_entropy(logits, target, jnp.broadcast_to(sel_real, shape),
+                                         class_max=class_max, class_sum=class_sum)
+
+  # Sample-to-sample term against the memory as it was before this step's write.
+  cos_m = losses.cosine_similarity(features, m_sel, precision=config.matmul_precision)
+  valid = jnp.broadcast_to(seen[picked] & sel_real, shape)
+  s2s, new_bias, new_class_bias, new_initialized = _s2s_term(
+      config, cos_m, target, valid, bias, class_bias, picked, s2s_active, initialized,
+      class_max, class_sum)
+
+  # Memory write to the rows this device owns; last occurrence in the GLOBAL batch wins
+  # because every device sees the same gathered batch in the same order.
+  new_memory, new_seen = losses.write_memory(memory, seen, features, local_labels)
+  sampled = jnp.where(sel_real, offset + picked, -1)
+  return (s2c, s2s, sampled, new_bias, new_class_bias, new_memory, new_seen,
+          new_initialized)
+
+
+def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
+              config: HeadConfig, mesh: Mesh, key: jax.Array | None = None,
+              s2s_active: Any = True) -> tuple[dict[str, jax.Array], HeadState]:
+  """Per-sample head losses on the global batch, and the head state after this step.
+
+  Call it inside ``jax.jit`` (and ``jax.grad`` with ``has_aux=True``): the loss terms are
+  differentiable w.r.t. ``embeddings``, ``state.params.w`` and ``state.params.bias`` (and
+  ``class_bias`` for s2s BCE). Combine the terms with ``losses.unitsface_objective``.
+
+  Args:
+    state: the head state, sharded as ``head_shardings(mesh)``.
+    embeddings: [B, D] backbone features, batch-sharded over ``DEVICE_AXIS``; B divisible by
+      the device count.
+    labels: [B] int labels in [0, C), batch-sharded.
+    config: what to compute.
+    mesh: the 1-D mesh of ``parallel.make_mesh``.
+    key: PRNG key for PartialFC sampling, a fresh one every step; required when
+      ``config.sample_rate < 1``.
+    s2s_active: bool (may be traced): whether the sample-to-sample term is in use this step;
+      b takes its data-dependent first value (``losses.init_threshold_bias`` on the global
+      batch) on the first active step that has a valid negative, and only then.
+
+  Returns:
+    (loss_terms, new_state). loss_terms: "s2c" and "s2s" [B] per-sample losses (replicated);
+    "sampled_classes" [n·k] the global class ids each device used this step (-1: padding).
+    new_state: memory/seen updated with this batch, ``initialized`` set once active, and
+    ``params.bias``/``params.class_bias`` holding their first value on the first active
+    step (apply this step's optimizer update to these values; their gradient flows as if
+    they had been the parameters, as in the official code).
+  """
+  num_shards = mesh.shape[DEVICE_AXIS]
+  k = num_sampled(config, num_shards, embeddings.shape[0])
+  if key is None:
+    if k < num_local_classes(config, num_shards):
+      raise ValueError("PartialFC sampling (sample_rate < 1) needs a PRNG key")
+    key = jax.random.key(0)
+  params, buffers = state
+  rows = P(DEVICE_AXIS)
+  fn = jax.shard_map(
+      functools.partial(_local_head, config, k), mesh=mesh,
+      in_specs=(rows, P(), rows, rows, rows, P(), rows, rows, P(), P()),
+      out_specs=(P(), P(), rows, P(), rows, rows, rows, P()))
+  (s2c, s2s, sampled, bias, class_bias, memory, seen, initialized) = fn(
+      params.w, params.bias, params.class_bias, buffers.memory, buffers.seen,
+      buffers.initialized, embeddings, labels, key, jnp.asarray(s2s_active, jnp.bool_))
+  new_state = HeadState(HeadParams(w=params.w, bias=bias, class_bias=class_bias),
+                        HeadBuffers(memory=memory, seen=seen, initialized=initialized))
+  return {"s2c": s2c, "s2s": s2s, "sampled_classes": sampled}, new_state

@@ -1,0 +1,99 @@
+"""Meshes, shardings, multi-process start-up and global batches for data- and class-parallelism.
+
+One mesh axis, ``DEVICE_AXIS``, spans every device of every process: the backbone is
+data-parallel over it (the batch is split on it) and the head's class centres and memory bank
+are split on it by rows (classes), as PartialFC does (DESIGN.md, "Decisions already taken").
+"""
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DEVICE_AXIS = "devices"
+
+
+def make_mesh(num_devices: int | None = None, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh named ``DEVICE_AXIS`` over ``devices`` (default: all, or the first n).
+
+  The axis is ``AxisType.Auto``, not the Explicit default of ``jax.make_mesh`` in this JAX:
+  the only hand-partitioned computation is the head, which runs inside ``jax.shard_map``
+  with explicit specs either way, while the data-parallel backbone wants the compiler's
+  sharding propagation (Explicit would make every op with an ambiguous output sharding,
+  e.g. a contraction over a sharded axis, an error until annotated by hand).
+
+  Args:
+    num_devices: how many devices; None for all of ``devices``.
+    devices: the devices, in mesh order; default ``jax.devices()``.
+
+  Returns:
+    The mesh.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ValueError(f"asked for {num_devices} devices, {len(devices)} available")
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), (DEVICE_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def mesh_from_config(config: Any) -> Mesh:
+  """``make_mesh`` with ``config.num_devices`` (absent or 0: every device)."""
+  num = getattr(config, "num_devices", None) or None
+  return make_mesh(num)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the devices; the rest replicated."""
+  return NamedSharding(mesh, P(DEVICE_AXIS))
+
+
+def class_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (class) axis split in contiguous row blocks over the devices."""
+  return NamedSharding(mesh, P(DEVICE_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full value on every device."""
+  return NamedSharding(mesh, P())
+
+
+def padded_classes(num_classes: int, num_shards: int) -> int:
+  """n·⌈C/n⌉: the class count padded so every shard holds the same number of rows."""
+  return num_shards * math.ceil(num_classes / num_shards)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Start ``jax.distributed`` once; a no-op when it is already running.
+
+  On Cloud TPU and SLURM the arguments may be None (auto-detected). Must run before any
+  other JAX call creates the backend.
+  """
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Global batch-sharded arrays from this process's share of the batch (a pytree).
+
+  Each process passes its own rows (local batch = global batch / process count) in process
+  order; ``jax.make_array_from_process_local_data`` places them on the local devices.
+  """
+  sharding = batch_sharding(mesh)
+
+  def one(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(one, local_batch)
