@@ -27,6 +27,7 @@ def get_config(arg=None):
   config.data.num_classes = 10_572
   config.data.num_images = 490_623  # for epoch-based schedules when the source cannot tell
   config.data.skip_bad_records = False
+  config.data.max_examples = 0  # > 0: train on the first N examples only (smoke runs)
   config.data.num_workers = 2
 
   config.loss = ml_collections.ConfigDict()

@@ -104,6 +104,26 @@ def test_two_hosts_disjoint_union_is_epoch():
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(n))
 
 
+def test_global_batch_is_the_same_for_any_host_count(orl):
+  """Hosts' batches concatenated in process order are the one-host batch, flips included."""
+  global_batch = 8
+
+  def stream(hosts):
+    per_host = []
+    for host in range(hosts):
+      config = pipeline.PipelineConfig(batch_size=global_batch // hosts, seed=5, num_epochs=2,
+                                       normalize=False)
+      per_host.append(list(pipeline.make_pipeline(orl, config, process_index=host,
+                                                  process_count=hosts)))
+    return [{k: np.concatenate([b[k] for b in batches]) for k in ("image", "label")}
+            for batches in zip(*per_host)]
+
+  one, two, four = stream(1), stream(2), stream(4)
+  assert len(one) == len(two) == len(four) == 2 * (400 // global_batch)
+  _assert_same_batches(one, two)
+  _assert_same_batches(one, four)
+
+
 def test_hosts_get_equal_batch_counts_when_uneven():
   n, batch, hosts = 203, 8, 3  # 67 or 68 examples per host before equalising
   counts = []

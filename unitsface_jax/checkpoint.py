@@ -26,8 +26,10 @@ class Checkpoints:
   """Save/restore policy of a training run (keep the latest K, save every N steps)."""
 
   def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool = True,
-               with_data: bool = True):
+               with_data: bool = True, read_only: bool = False):
     self.directory = epath.Path(workdir) / "checkpoints"
+    if read_only and not self.directory.exists():
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self._with_data = with_data
     self.every_steps = every_steps
     item_names = ("state", "data", "config") if with_data else ("state", "config")
@@ -41,7 +43,8 @@ class Checkpoints:
         item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            enable_async_checkpointing=async_save, create=True))
+            enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -74,6 +77,17 @@ class Checkpoints:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def restore_arrays(self, step: int) -> Any:
+    """The saved ``state`` as plain nested dicts of arrays, without a target (for export)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+
+  def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Shape of every array of the saved ``state``, keyed by its path (see ``path_names``)."""
+    tree = self._manager.item_metadata(step)["state"]
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {path_names(p): tuple(v.shape) for p, v in flat}
+
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     if step is None:
@@ -92,6 +106,11 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def path_names(path) -> tuple[str, ...]:
+  """A pytree key path as plain names, the same for a live pytree and orbax's metadata."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def abstract_like(tree: Any) -> Any:

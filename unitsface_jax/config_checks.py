@@ -45,6 +45,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be one of {HEAD_DTYPES}")
   _require(c.data.source in SOURCES, "data.source", c.data.source, f"must be one of {SOURCES}")
   _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "must be >= 2")
+  _require(c.data.max_examples >= 0, "data.max_examples", c.data.max_examples,
+           "must be >= 0 (0: all)")
   _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
   _require(c.loss.s2c in S2C_LOSSES, "loss.s2c", c.loss.s2c, f"must be one of {S2C_LOSSES}")
   _require(c.loss.s2s in S2S_LOSSES, "loss.s2s", c.loss.s2s, f"must be one of {S2S_LOSSES}")

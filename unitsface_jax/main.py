@@ -1,23 +1,28 @@
 """Entry point: ``python -m unitsface_jax.main --config=configs/x.py[:variant] --workdir=DIR``.
 
 Fields are overridden with ``--config.a.b=value``; an unknown or ill-typed field stops the run
-with a message naming it. Training is not implemented yet: today the job checks the config and
-prints it with the model summary.
+with a message naming it. Multi-process runs: on Cloud TPU pass ``--distributed`` (the
+coordinator is found automatically); elsewhere also ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (see launch/).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from unitsface_jax import config_checks, models
+from unitsface_jax import config_checks, models, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (multi-process).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,14 +35,19 @@ def main(argv) -> int:
   except config_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(config)
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   abstract = nnx.eval_shape(lambda: models.create(
       config.model.name, rngs=nnx.Rngs(0), dtype=config.model.dtype,
       dropout=config.model.dropout, num_features=config.model.num_features))
-  print(models.summary(config.model.name, abstract))
-  print(f"workdir: {_WORKDIR.value}")
-  print("The config is valid. Training is not implemented yet in this version of "
-        "unitsface_jax; nothing was trained or written.")
+  logging.info("%s", models.summary(config.model.name, abstract))
+  from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except (train.NonFiniteLossError, ValueError) as e:
+    logging.exception("training stopped")
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

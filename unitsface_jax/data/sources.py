@@ -211,6 +211,28 @@ class SyntheticSource:
     return {"image": self._pool[index % len(self._pool)], "label": index % self.num_classes}
 
 
+class Subset:
+  """The first ``size`` examples of another source (smoke runs, quick experiments)."""
+
+  def __init__(self, source, size: int):
+    if not 0 < size <= len(source):
+      raise ValueError(f"subset size {size} not in (0, {len(source)}]")
+    self.source = source
+    self.size = size
+    self.num_classes = source.num_classes
+
+  def __len__(self) -> int:
+    return self.size
+
+  def locate(self, index: int) -> dict[str, Any]:
+    return where(self.source, index)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self.size:
+      raise IndexError(f"index {index} out of range for a subset of {self.size} examples")
+    return self.source[index]
+
+
 def make_source(kind: str, path=None, **kwargs):
   """Builds a source by name, for configs: ``recordio``, ``tfds``, ``folder``, ``synthetic``.
 

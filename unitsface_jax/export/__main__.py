@@ -1,8 +1,8 @@
 """``python -m unitsface_jax.export --params=FILE --format=torch|safetensors|onnx|npz --out=FILE``.
 
 Reads a weight file (.npz, .safetensors or a PyTorch .pth such as insightface's
-``backbone.pth``), infers the architecture unless ``--model`` names it, and writes it in the
-requested format. ``--workdir`` (the latest training checkpoint) arrives with checkpointing.
+``backbone.pth``) or the latest checkpoint of a training run (``--workdir``), infers the
+architecture unless ``--model`` names it, and writes it in the requested format.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from absl import app, flags
 from unitsface_jax.export import load_params, save_params, torch_state_dict
 
 _PARAMS = flags.DEFINE_string("params", None, "Weight file to read (.npz/.safetensors/.pth).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to read.")
+_STEP = flags.DEFINE_integer("step", None, "With --workdir: this checkpoint step, not the latest.")
 _MODEL = flags.DEFINE_string("model", None, "Architecture; inferred from the keys if unset.")
 _FORMAT = flags.DEFINE_enum("format", None, ["torch", "safetensors", "onnx", "npz"],
                             "Output format.")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _OPSET = flags.DEFINE_integer("opset", 18, "ONNX opset.")
-flags.mark_flags_as_required(["params", "format", "out"])
+flags.mark_flags_as_required(["format", "out"])
+flags.mark_flags_as_mutual_exclusive(["params", "workdir"], required=True)
 
 _SUFFIX = {"torch": ".pth", "safetensors": ".safetensors", "npz": ".npz"}
 
@@ -28,7 +31,11 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    name, model = load_params(_PARAMS.value, _MODEL.value)
+    if _WORKDIR.value:
+      from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+      name, model = train.backbone_from_workdir(_WORKDIR.value, _STEP.value)
+    else:
+      name, model = load_params(_PARAMS.value, _MODEL.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

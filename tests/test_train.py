@@ -1,0 +1,221 @@
+"""Training end to end on the bundled demo faces: logs, checkpoints, resume, devices, hosts.
+
+Every run is a child process (``tests/train_run.py``) so it can have its own simulated device
+count and be killed. ``configs/demo.py:smoke`` is 16 steps of batch 8 on 64 images: CosFace
+alone in epoch 0 (steps 1-8), CosFace + USS in epoch 1 (steps 9-16), checkpoints every 4.
+"""
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = ROOT / "tests" / "train_run.py"
+SMOKE = "--config=configs/demo.py:smoke"
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def start(devices, workdir, *flags):
+  return subprocess.Popen([sys.executable, str(RUN), str(devices), SMOKE, f"--workdir={workdir}",
+                           *flags], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def run(devices, workdir, *flags, timeout=600):
+  proc = start(devices, workdir, *flags)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail(f"training run in {workdir} did not finish in {timeout} s")
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ok(proc):
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def metrics(workdir):
+  lines = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().split("\n")
+           if l]
+  return {m["step"]: m for m in lines if "loss" in m}  # a resumed step overwrites
+
+
+def steps(workdir):
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def saved_state(workdir, step):
+  """Every array of a checkpoint's state, keyed by path (restored on this process's CPU)."""
+  tree = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) /
+                                            "state")
+  flat = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(f"{prefix}/{k}", v)
+    elif isinstance(node, (list, tuple)):
+      for i, v in enumerate(node):
+        walk(f"{prefix}/{i}", v)
+    else:
+      flat[prefix] = np.asarray(node)
+
+  walk("", tree)
+  return flat
+
+
+def wait_for_checkpoint(proc, workdir, at_least, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(s >= at_least for s in steps(workdir)):
+      return
+    if proc.poll() is not None:
+      pytest.fail(f"run ended before checkpoint {at_least}: {proc.stderr.read()[-3000:]}")
+    time.sleep(0.2)
+  proc.kill()
+  pytest.fail(f"no checkpoint >= {at_least} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted one-device smoke run."""
+  workdir = tmp_path_factory.mktemp("reference")
+  ok(run(1, workdir))
+  return workdir
+
+
+def test_smoke_run_logs_losses_threshold_and_checkpoints(reference):
+  m = metrics(reference)
+  assert sorted(m) == list(range(1, 17))
+  for step, line in m.items():
+    assert np.isfinite([line["loss"], line["s2c"], line["s2s"], line["threshold_t"]]).all()
+    if step <= 8:  # epoch 0: CosFace alone, the memory bank fills
+      assert line["s2s"] == 0.0 and line["loss"] == pytest.approx(line["s2c"])
+    else:
+      assert line["s2s"] > 0.0 and line["loss"] == pytest.approx(line["s2c"] + line["s2s"],
+                                                                   rel=1e-5)
+  # On the real faces the CosFace loss falls during epoch 0 (mean of the last 3 vs first 3).
+  assert np.mean([m[s]["s2c"] for s in (6, 7, 8)]) < 0.5 * np.mean([m[s]["s2c"]
+                                                                    for s in (1, 2, 3)])
+  assert m[8]["threshold_t"] == 0.0 and m[9]["threshold_t"] != 0.0  # b is set on first use
+  assert steps(reference) == [8, 12, 16]  # every 4 steps, the latest 3 kept
+  assert (reference / "config.json").exists() and any((reference / "tensorboard").iterdir())
+
+
+def test_export_from_workdir_equals_the_checkpoint(reference, tmp_path):
+  out = tmp_path / "final.npz"
+  proc = subprocess.run([sys.executable, "-m", "unitsface_jax.export", f"--workdir={reference}",
+                         "--format=npz", f"--out={out}"], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  ok(proc)
+  state = saved_state(reference, 16)
+  weights = np.load(out)
+  # conv1.weight (OIHW) is the checkpoint's HWIO stem kernel, bit for bit.
+  np.testing.assert_array_equal(weights["conv1.weight"],
+                                state["/params/backbone/conv1/kernel/value"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(weights["features.running_mean"],
+                                state["/model_state/features/mean/value"])
+
+
+def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
+  workdir = tmp_path / "interrupted"
+  rng = random.Random(0)
+  # SIGTERM (preemption) after the first checkpoint: saves where it is and exits 0.
+  proc = start(1, workdir)
+  wait_for_checkpoint(proc, workdir, 4)
+  time.sleep(rng.uniform(0, 2))
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=300)
+  assert proc.returncode == 0
+  first = steps(workdir)
+  assert first and max(first) < 16
+  # SIGKILL at a random moment after the next checkpoint: nothing is saved on the way out.
+  proc = start(1, workdir)
+  wait_for_checkpoint(proc, workdir, max(first) + 1)
+  time.sleep(rng.uniform(0, 3))
+  proc.kill()
+  proc.communicate()
+  ok(run(1, workdir))
+  assert steps(workdir)[-1] == 16
+  want, got = saved_state(reference, 16), saved_state(workdir, 16)
+  assert want.keys() == got.keys()
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert not different, different[:10]  # weights, memory bank, optimizer state, b, step
+
+
+def test_resume_on_other_device_counts_keeps_step_and_data_order(tmp_path):
+  base = tmp_path / "four"
+  ok(run(4, base, "--config.num_epochs=1"))  # steps 1-8 on 4 devices, checkpoint at 8
+  losses = {}
+  for devices in (4, 2, 8):
+    workdir = tmp_path / f"resume_on_{devices}"
+    shutil.copytree(base, workdir)
+    ok(run(devices, workdir))
+    m = metrics(workdir)
+    assert sorted(m) == list(range(1, 17))
+    losses[devices] = np.array([m[s]["loss"] for s in range(9, 17)])
+  # The same batches in the same order: step 9 (the first resumed, first USS step) agrees
+  # across device counts up to float reduction order.
+  np.testing.assert_allclose(losses[2][0], losses[4][0], rtol=1e-4)
+  np.testing.assert_allclose(losses[8][0], losses[4][0], rtol=1e-4)
+  np.testing.assert_allclose(losses[2], losses[4], rtol=1e-2)
+  np.testing.assert_allclose(losses[8], losses[4], rtol=1e-2)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  flags = ["--config.data.max_examples=80", "--config.checkpoint_every_steps=10"]  # 20 steps
+  one = tmp_path / "one"
+  ok(run(4, one, *flags))
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [start(2, two, *flags, f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  deadline = time.time() + 600
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    pytest.fail("a process of the two-process run did not finish in 600 s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p in procs:
+    assert p.returncode == 0, p.stderr.read()[-4000:]
+  a, b = metrics(one), metrics(two)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  np.testing.assert_allclose([b[s]["loss"] for s in a], [a[s]["loss"] for s in a], rtol=1e-5)
+
+
+def test_nan_guard_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
+  # An absurd learning rate without clipping overflows the weights within a few steps.
+  proc = run(1, tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.clip_norm=0")
+  assert proc.returncode != 0
+  assert "NaN/inf at step" in proc.stderr
+  bad = int(proc.stderr.split("NaN/inf at step ")[1].split()[0])
+  assert all(s < bad for s in steps(tmp_path))

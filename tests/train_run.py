@@ -1,0 +1,18 @@
+"""Runs the training entry point in a child process with N simulated CPU devices.
+
+``python tests/train_run.py DEVICES [main.py flags...]``: sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES`` before JAX starts (which the test
+process cannot do for itself once JAX is up), then runs ``unitsface_jax.main``.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":
+  devices = sys.argv[1]
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from unitsface_jax import main  # pylint: disable=g-import-not-at-top
+  main.run([sys.argv[0]] + sys.argv[2:])
