@@ -95,11 +95,6 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
-  def reached_preemption(self, step: int) -> bool:
-    """Whether every process has agreed to stop at ``step`` after a preemption notice
-    (multi-process runs; uses jax.distributed's preemption sync)."""
-    return self._manager.reached_preemption(step)
-
   def wait(self) -> None:
     """Blocks until async saves are on disk."""
     self._manager.wait_until_finished()

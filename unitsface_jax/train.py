@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from etils import epath
 from flax import nnx
 
@@ -111,8 +112,13 @@ def init_state(config, mesh, tx, key):
   params, model_state, rng_state = jax.jit(init_backbone, out_shardings=replicated)(model_key)
   head_state = head_lib.init_head_state(head_key, head_config(config), mesh)
   all_params = {"backbone": params, "head": head_state.params}
-  # The optimiser state takes the shardings of the parameters it mirrors.
-  opt_state = jax.jit(tx.init)(all_params)
+  # The optimiser state takes the shardings of the parameters it mirrors (momentum of W is
+  # class-sharded like W); its counters are replicated.
+  param_shardings = jax.tree.map(lambda x: x.sharding, all_params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, all_params), param_shardings,
+      transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(all_params)
   state = {"params": all_params, "model_state": model_state,
            "head_buffers": head_state.buffers, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), replicated),
@@ -173,7 +179,10 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
                "grad_norm": grad_norm, "lr": lr_schedule(step),
                "threshold_t": params["head"].bias / config.loss.s2s_scale,
                "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
-                                         .astype(jnp.float32))}
+                                         .astype(jnp.float32)),
+               # Which examples, in which order: lets a resumed or rescaled run be checked
+               # against another (same data order <=> same fingerprints).
+               "data_fingerprint": jnp.sum(labels * (jnp.arange(labels.shape[0]) + 1)) % 999_983}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
@@ -194,11 +203,16 @@ class _Preemption:
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
 
-  def reached(self, step: int, ckpt: checkpoint_lib.Checkpoints) -> bool:
-    if jax.process_count() > 1:
-      # All hosts must agree on the step, or the collective save would hang.
-      return ckpt.reached_preemption(step)
-    return self.requested.is_set()
+  def reached(self, step: int, sync_now: bool) -> bool:
+    """Whether to stop after ``step``. With several processes all must stop at the same step
+    (the save is collective), so they agree by an all-gather at ``sync_now`` steps only (the
+    log steps), keeping host round trips out of the other steps."""
+    if jax.process_count() == 1:
+      return self.requested.is_set()
+    if not sync_now:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.requested.is_set()))
+    return bool(np.any(flags))
 
   def restore(self):
     if self._previous is not None:
@@ -370,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
         last.update(results)
       if save_now or epoch_end:
         ckpt.save(done, state, data_iterator=data, config=config, force=epoch_end)
-      if preemption.reached(done, ckpt):
+      if preemption.reached(done, sync_now=log_now):
         logging.warning("preemption requested: saving step %d and stopping", done)
         _check_finite(state, done)
         ckpt.save(done, state, data_iterator=data, config=config, force=True)
