@@ -152,6 +152,7 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path):
   sess = ort.InferenceSession(str(path))
   (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
   assert inp.name == "data" and inp.shape[1:] == [3, 112, 112] and isinstance(inp.shape[0], str)
+  assert out.shape[1:] == [512]  # the one output: the embedding
   for n in (1, 7):
     x = images(n, seed=n)
     got = sess.run(None, {"data": x.transpose(0, 3, 1, 2)})[0]

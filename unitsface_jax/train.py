@@ -18,8 +18,7 @@ Decisions (see DESIGN.md):
 
 from __future__ import annotations
 
-import functools
-import math
+import logging as py_logging
 import signal
 import threading
 import time
@@ -50,12 +49,12 @@ _MODEL_STATE = nnx.Any(nnx.BatchStat, Frozen)
 
 def _quiet_orbax() -> None:
   """orbax logs every save step at INFO; keep its warnings, drop the rest of its chatter."""
-  handler = logging.get_absl_handler()
-  if not any(getattr(f, "_unitsface", False) for f in handler.filters):
+  logger = logging.get_absl_logger()
+  if not any(getattr(f, "_unitsface", False) for f in logger.filters):
     def keep(record):
-      return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+      return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
     keep._unitsface = True  # pylint: disable=protected-access
-    handler.addFilter(keep)
+    logger.addFilter(keep)
 
 
 class NonFiniteLossError(FloatingPointError):
