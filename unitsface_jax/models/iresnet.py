@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitsface_jax.models.layers import BatchNorm, PReLU, conv
+from unitsface_jax.models.layers import BatchNorm, IRTrunk, PReLU, conv, residual
 
 # insightface initialises every conv weight from N(0, 0.1).
 _CONV_INIT = nnx.initializers.normal(0.1)
@@ -40,28 +40,15 @@ class IBasicBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-    identity = x
-    if self.downsample is not None:
-      identity = self.downsample[1](self.downsample[0](x))
-    return out + identity
+    return residual(out, x, self.downsample)
 
 
-class IResNet(nnx.Module):
+class IResNet(IRTrunk):
   """insightface's IResNet for 112x112 faces."""
 
   def __init__(self, layers: Sequence[int], *, num_features: int = 512, dropout: float = 0.0,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    self.dtype = dtype
-    self.conv1 = conv(3, 64, 3, 1, 1, kernel_init=_CONV_INIT, dtype=dtype, rngs=rngs)
-    self.bn1 = BatchNorm(64)
-    self.prelu = PReLU(64)
-    inplanes = 64
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-      stage = []
-      for b in range(blocks):
-        stage.append(IBasicBlock(inplanes, planes, 2 if b == 0 else 1, dtype=dtype, rngs=rngs))
-        inplanes = planes
-      setattr(self, f"layer{i + 1}", nnx.List(stage))
+    self._build_trunk(IBasicBlock, layers, conv_init=_CONV_INIT, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(512)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     # The head runs in float32 whatever the activation dtype, as insightface's fp16 mode does.
@@ -70,12 +57,7 @@ class IResNet(nnx.Module):
     self.features = BatchNorm(num_features, frozen_scale=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 4 or x.shape[1:] != (112, 112, 3):
-      raise ValueError(f"IResNet expects NHWC [N, 112, 112, 3] input, got shape {x.shape}")
-    x = self.prelu(self.bn1(self.conv1(x.astype(self.dtype))))
-    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-      for block in stage:
-        x = block(x)
+    x = self._trunk(x)
     x = self.bn2(x).astype(jnp.float32)
     # Flatten in PyTorch's NCHW order so fc.weight is a plain transpose of insightface's.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)

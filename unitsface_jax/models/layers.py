@@ -98,3 +98,39 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, padding:
       in_features, out_features, kernel_size=(kernel, kernel), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
       param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
+
+
+class IRTrunk(nnx.Module):
+  """What both IR-ResNet families share: stem conv3x3 -> BN -> PReLU, then four stages
+  (64/128/256/512 channels, the first block of each stride 2) named ``layer1`` ... ``layer4``,
+  the PyTorch names, so state-dict keys read ``layer3.13.conv2.weight``."""
+
+  def _build_trunk(self, block, layers, *, conv_init, dtype, rngs: nnx.Rngs) -> None:
+    self.dtype = dtype
+    self.conv1 = conv(3, 64, 3, 1, 1, kernel_init=conv_init, dtype=dtype, rngs=rngs)
+    self.bn1 = BatchNorm(64)
+    self.prelu = PReLU(64)
+    inplanes = 64
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+      stage = []
+      for b in range(blocks):
+        stage.append(block(inplanes, planes, 2 if b == 0 else 1, dtype=dtype, rngs=rngs))
+        inplanes = planes
+      setattr(self, f"layer{i + 1}", nnx.List(stage))
+
+  def _trunk(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4 or x.shape[1:] != (112, 112, 3):
+      raise ValueError(f"{type(self).__name__} expects NHWC [N, 112, 112, 3] input, got shape "
+                       f"{x.shape}")
+    x = self.prelu(self.bn1(self.conv1(x.astype(self.dtype))))
+    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+      for block in stage:
+        x = block(x)
+    return x
+
+
+def residual(out: jax.Array, x: jax.Array, downsample) -> jax.Array:
+  """``out + identity``, the identity through ``downsample = [conv, bn]`` when present."""
+  if downsample is not None:
+    x = downsample[1](downsample[0](x))
+  return out + x

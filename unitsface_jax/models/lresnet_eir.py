@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitsface_jax.models.layers import BatchNorm, PReLU, conv
+from unitsface_jax.models.layers import BatchNorm, IRTrunk, PReLU, conv, residual
 
 # torch kaiming_normal_(a=1, mode='fan_in', nonlinearity='leaky_relu'): gain sqrt(2/(1+1)) = 1,
 # so std = 1/sqrt(fan_in).
@@ -48,28 +48,15 @@ class IRBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out = self.bn2(self.conv2(self.prelu(self.bn1(self.conv1(self.bn0(x))))))
-    identity = x
-    if self.downsample is not None:
-      identity = self.downsample[1](self.downsample[0](x))
-    return out + identity
+    return residual(out, x, self.downsample)
 
 
-class LResNetEIR(nnx.Module):
+class LResNetEIR(IRTrunk):
   """The official UniTSFace LResNetXEIR backbone (without its loss modules)."""
 
   def __init__(self, layers: Sequence[int], *, num_features: int = 512, dropout: float = 0.4,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    self.dtype = dtype
-    self.conv1 = conv(3, 64, 3, 1, 1, kernel_init=_CONV_INIT, dtype=dtype, rngs=rngs)
-    self.bn1 = BatchNorm(64)
-    self.prelu = PReLU(64)
-    inplanes = 64
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-      stage = []
-      for b in range(blocks):
-        stage.append(IRBlock(inplanes, planes, 2 if b == 0 else 1, dtype=dtype, rngs=rngs))
-        inplanes = planes
-      setattr(self, f"layer{i + 1}", nnx.List(stage))
+    self._build_trunk(IRBlock, layers, conv_init=_CONV_INIT, dtype=dtype, rngs=rngs)
     self.bn4 = BatchNorm(512)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.fc5 = nnx.Conv(512, num_features, kernel_size=(7, 7), padding="VALID", use_bias=False,
@@ -78,12 +65,7 @@ class LResNetEIR(nnx.Module):
     self.bn5 = BatchNorm(num_features, frozen_scale=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 4 or x.shape[1:] != (112, 112, 3):
-      raise ValueError(f"LResNetEIR expects NHWC [N, 112, 112, 3] input, got shape {x.shape}")
-    x = self.prelu(self.bn1(self.conv1(x.astype(self.dtype))))
-    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-      for block in stage:
-        x = block(x)
+    x = self._trunk(x)
     x = self.dropout(self.bn4(x).astype(jnp.float32))
     x = self.fc5(x).reshape(x.shape[0], -1)
     return self.bn5(x)
