@@ -221,3 +221,29 @@ def test_nan_guard_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
   assert "NaN/inf at step" in proc.stderr
   bad = int(proc.stderr.split("NaN/inf at step ")[1].split()[0])
   assert all(s < bad for s in steps(tmp_path))
+
+
+def test_gradient_accumulation_updates_every_k_micro_batches():
+  import jax
+  from configs import demo
+  from unitsface_jax import optim, parallel, train
+
+  config = demo.get_config("smoke")
+  config.optimizer.grad_accum_steps = 2
+  mesh = parallel.make_mesh(1)
+  tx = optim.sgd(config, 4 / 2)
+  graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
+  step = train.make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch=4)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+  labels = rng.integers(0, 40, 8).astype(np.int32)
+
+  def stem(s):
+    return np.asarray(s["params"]["backbone"]["conv1"]["kernel"][...]).copy()
+
+  before = stem(state)
+  state, _ = step(state, images, labels)
+  after_one = stem(state)
+  state, _ = step(state, images, labels)
+  np.testing.assert_array_equal(after_one, before)  # micro-batch 1: accumulated only
+  assert not np.array_equal(stem(state), before)  # micro-batch 2: one SGD update

@@ -16,7 +16,7 @@ import optax
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
+                           steps_per_epoch: float) -> optax.Schedule:
   """The lr per optimiser step: ``multistep`` (official) or ``polynomial`` (insightface).
 
   multistep: lr x decay_factor at each of ``schedule.decay_epochs``.
@@ -24,7 +24,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   end of training (insightface arcface_torch ``lr_scheduler.py`` PolynomialLRWarmup).
   """
   lr = config.optimizer.lr
-  total = config.num_epochs * steps_per_epoch
+  total = int(round(config.num_epochs * steps_per_epoch))
   warmup = int(round(config.schedule.warmup_epochs * steps_per_epoch))
   if config.schedule.name == "multistep":
     main = optax.piecewise_constant_schedule(
@@ -39,7 +39,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def sgd(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def sgd(config: ml_collections.ConfigDict,
+        steps_per_epoch: float) -> optax.GradientTransformation:
   """Clip -> coupled weight decay -> momentum SGD, as the official training script."""
   parts = []
   if config.optimizer.clip_norm > 0:

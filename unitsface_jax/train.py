@@ -130,8 +130,9 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
   hc = head_config(config)
   seed_key = jax.random.key(config.seed)
   dropout_root, sample_root = jax.random.split(seed_key)
-  lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch)
-  groups = jax.device_count() if config.model.bn_stats == "per_device" else 0
+  accum = config.optimizer.grad_accum_steps
+  lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch / accum)
+  groups = mesh.size if config.model.bn_stats == "per_device" else 0
 
   def train_step(state, images, labels):
     # The pipeline ships uint8 (4x less host traffic); (x / 255 - 0.5) / 0.5 happens here.
@@ -175,7 +176,7 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
                  "first_nonfinite_step": first_bad}
     metrics = {"loss": loss, "s2c": jnp.mean(terms["s2c"]),
                "s2s": jnp.where(s2s_active, jnp.mean(terms["s2s"]), 0.0),
-               "grad_norm": grad_norm, "lr": lr_schedule(step),
+               "grad_norm": grad_norm, "lr": lr_schedule(step // accum),
                "threshold_t": params["head"].bias / config.loss.s2s_scale,
                "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
                                          .astype(jnp.float32)),
@@ -327,7 +328,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
       process_index=jax.process_index(), process_count=n_proc)
 
   # ---------------------------------------------------------------- model, head, optimiser
-  tx = optim.sgd(config, steps_per_epoch * config.optimizer.grad_accum_steps)
+  # With gradient accumulation the schedule counts optimiser updates, one per
+  # grad_accum_steps micro-batches (a train step is one micro-batch).
+  tx = optim.sgd(config, steps_per_epoch / config.optimizer.grad_accum_steps)
   graphdef, rng_state, state = init_state(config, mesh, tx, jax.random.key(config.seed))
   train_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
 
