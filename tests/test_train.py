@@ -65,8 +65,16 @@ def steps(workdir):
 
 def saved_state(workdir, step):
   """Every array of a checkpoint's state, keyed by path (restored on this process's CPU)."""
-  tree = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) /
-                                            "state")
+  import jax  # the test process has one CPU device; the run may have saved from several
+  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+  ckptr = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, "item_metadata", meta)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        meta.tree if hasattr(meta, "tree") else meta,
+                        is_leaf=lambda m: hasattr(m, "shape"))
+  tree = ckptr.restore(path, target)
   flat = {}
 
   def walk(prefix, node):
@@ -247,3 +255,20 @@ def test_gradient_accumulation_updates_every_k_micro_batches():
   state, _ = step(state, images, labels)
   np.testing.assert_array_equal(after_one, before)  # micro-batch 1: accumulated only
   assert not np.array_equal(stem(state), before)  # micro-batch 2: one SGD update
+
+
+def test_resume_where_the_class_padding_changes(tmp_path):
+  """40 classes pad to 42 rows on 3 devices and stay 40 on 4: W, M, seen and W's momentum
+  are re-padded on restore, and the rows of real classes carry over unchanged."""
+  flags = ["--config.batch_size=12"]  # 64 images -> 5 steps per epoch
+  ok(run(3, tmp_path, *flags, "--config.num_epochs=1"))
+  before = saved_state(tmp_path, 5)
+  assert before["/params/head/w"].shape == (42, 512)
+  proc = ok(run(4, tmp_path, *flags, "--config.num_epochs=2", "--config.keep_checkpoints=5"))
+  assert "resumed from step 5" in proc.stderr
+  assert max(metrics(tmp_path)) == 10
+  after = saved_state(tmp_path, 10)
+  assert after["/params/head/w"].shape == (40, 512)
+  assert after["/head_buffers/memory"].shape == (40, 512)
+  # seen rows only ever turn on: what was seen before the move still is.
+  assert np.all(after["/head_buffers/seen"][before["/head_buffers/seen"][:40]])
