@@ -272,3 +272,15 @@ def test_resume_where_the_class_padding_changes(tmp_path):
   assert after["/head_buffers/memory"].shape == (40, 512)
   # seen rows only ever turn on: what was seen before the move still is.
   assert np.all(after["/head_buffers/seen"][before["/head_buffers/seen"][:40]])
+
+
+def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path):
+  from unitsface_jax.data import demo
+  proc = subprocess.run([sys.executable, "-m", "unitsface_jax.evaluate",
+                         "--protocol=verification", f"--workdir={reference}",
+                         f"--data={demo.demo_bin_path()}", f"--out={tmp_path}",
+                         "--batch_size=32"], cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  ok(proc)
+  result = json.loads((tmp_path / "verification.json").read_text())["orl_val"]
+  assert 0.5 <= result["accuracy"] <= 1.0 and "orl_val" in proc.stdout

@@ -2,6 +2,7 @@ r"""Command line evaluation: verification sets, IJB-B/C or MegaFace, from a mode
 
   python -m unitsface_jax.evaluate --protocol=verification \
       --data=lfw.bin,cfp_fp.bin,agedb_30.bin --params=backbone.pth
+  python -m unitsface_jax.evaluate --protocol=verification --data=lfw.bin --workdir=/runs/casia
   python -m unitsface_jax.evaluate --protocol=verification --data=lfw.bin --features=lfw.npz
   python -m unitsface_jax.evaluate --protocol=ijb --data=IJB_release/IJBC --features=ijbc.npz
   python -m unitsface_jax.evaluate --protocol=megaface --data=feature_out \
@@ -27,6 +28,7 @@ flags.DEFINE_enum("protocol", "verification", ["verification", "ijb", "megaface"
 flags.DEFINE_list("data", [], "verification: .bin files or LFW-style image folders (with "
                   "--pairs); ijb: the IJB folder (with meta/ and loose_crop/); megaface: the "
                   "devkit feature folder.")
+flags.DEFINE_string("workdir", None, "A training run: its latest checkpoint's backbone.")
 flags.DEFINE_string("features", None, "An .npz of precomputed embeddings (no model needed).")
 flags.DEFINE_string("params", None, "Model weights (.npz/.safetensors/.pth, e.g. insightface's "
                     "backbone.pth).")
@@ -159,9 +161,18 @@ def main(argv):
     raise app.UsageError("--data is required")
   apply_fn = None
   if FLAGS.protocol != "megaface" and not FLAGS.features:
-    if not FLAGS.params:
-      raise app.UsageError("pass --params (a model) or --features (precomputed embeddings)")
-    apply_fn = load_model_apply_fn(FLAGS.model, FLAGS.params)
+    if FLAGS.workdir:
+      from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+      try:
+        _, model = train.backbone_from_workdir(FLAGS.workdir)
+      except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from e
+      apply_fn = extract.nnx_apply_fn(model)
+    elif FLAGS.params:
+      apply_fn = load_model_apply_fn(FLAGS.model, FLAGS.params)
+    else:
+      raise app.UsageError("pass --workdir (a training run), --params (a model) or --features "
+                           "(precomputed embeddings)")
   if FLAGS.protocol == "verification":
     res = run_verification(apply_fn)
   elif FLAGS.protocol == "ijb":
