@@ -308,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
 
   # ---------------------------------------------------------------- mesh
   mesh = parallel.mesh_from_config(config)
+  parallel.warm_up_cpu_collectives(mesh)  # before any small reduce-scatter: see there
   n_dev, n_proc = mesh.size, jax.process_count()
   if config.batch_size % n_dev or config.batch_size % n_proc:
     raise ValueError(f"config.batch_size = {config.batch_size} must divide evenly over "
