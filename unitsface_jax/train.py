@@ -167,7 +167,7 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     params = {"backbone": optim.clamp_prelu(params["backbone"]), "head": params["head"]}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     first_bad = jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
                           state["first_nonfinite_step"])
