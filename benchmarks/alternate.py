@@ -107,7 +107,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
   return name, env
 
 
-def xla_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
+def xla_matmul_rate(dtype: str, n: int = 2048, reps: int = 10) -> float:
   """FLOP/s of a large square matmul under XLA on the default devices."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -122,7 +122,7 @@ def xla_matmul_rate(dtype: str, n: int = 2048, reps: int = 5) -> float:
   return 2 * n**3 / min(times) * jax.device_count()
 
 
-def torch_matmul_rate(bf16: bool, device: str, n: int = 2048, reps: int = 5) -> float:
+def torch_matmul_rate(bf16: bool, device: str, n: int = 2048, reps: int = 10) -> float:
   """FLOP/s of a large square matmul in PyTorch (oneDNN/MKL on CPU, cuBLAS on GPU)."""
   import torch  # pylint: disable=import-outside-toplevel
   a = torch.ones(n, n, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)

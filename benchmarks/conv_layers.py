@@ -57,24 +57,34 @@ def _best(fn, reps):
   return best
 
 
-def jax_fns(batch, size, cin, cout, k, s):
-  """Forward, input-gradient and weight-gradient thunks of one conv under XLA."""
+def jax_fns(batch, size, cin, cout, k, s, project_layer):
+  """Forward, input-gradient and weight-gradient thunks of one conv under XLA.
+
+  ``project_layer``: the project's ``models.layers.Conv`` (strided cases rewritten) instead
+  of a plain ``lax.conv_general_dilated``.
+  """
   import jax
   import jax.numpy as jnp
+  from flax import nnx
+  from unitsface_jax.models import layers
   pad = k // 2
   x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
   w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.1
+  module = layers.conv(cin, cout, k, s, pad, kernel_init=nnx.initializers.zeros,
+                       dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(module)
 
   def conv(x, w):
+    if project_layer:
+      return nnx.merge(graphdef, jax.tree.map(lambda _: w, state))(x)
     return jax.lax.conv_general_dilated(x, w, (s, s), ((pad, pad), (pad, pad)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  y, vjp = jax.vjp(conv, x, w)
-  dy = jnp.ones_like(y)
+  out = jax.eval_shape(conv, x, w)
+  dy = jnp.ones(out.shape, out.dtype)
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
   dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
-  del vjp
   return (lambda: fwd(x, w).block_until_ready(),
           lambda: dx(x, w, dy).block_until_ready(),
           lambda: dw(x, w, dy).block_until_ready())
@@ -101,33 +111,31 @@ def torch_fns(batch, size, cin, cout, k, s):
 def main(argv):
   del argv
   batch, reps = _BATCH.value, _REPS.value
-  rows, totals = [], {"jax": [0.0] * 3, "torch": [0.0] * 3}
-  print(f"{'layer (size cin cout k s) x n':>32} | {'JAX fwd/dx/dw ms':>20} | "
-        f"{'torch fwd/dx/dw ms':>20} | GFLOP/s JAX fwd/dx/dw | torch")
+  impls = ("lax", "project", "torch")
+  rows, totals = [], {i: [0.0] * 3 for i in impls}
+  print(f"{'size cin cout k s x n':>24} | " + " | ".join(
+      f"{i + ' fwd/dx/dw ms':>20}" for i in impls) + " | GFLOP/s " + " | ".join(impls))
   for size, cin, cout, k, s, n in R50_CONVS:
     out = size // s
     flops = 2 * batch * out * out * cout * cin * k * k
-    j = jax_fns(batch, size, cin, cout, k, s)
-    t = torch_fns(batch, size, cin, cout, k, s)
-    jt, tt = [], []
-    for jf, tf in zip(j, t):  # interleaved, so load changes hit both alike
-      jt.append(_best(jf, reps))
-      tt.append(_best(tf, reps))
-    for i in range(3):
-      totals["jax"][i] += n * jt[i]
-      totals["torch"][i] += n * tt[i]
+    fns = {"lax": jax_fns(batch, size, cin, cout, k, s, False),
+           "project": jax_fns(batch, size, cin, cout, k, s, True),
+           "torch": torch_fns(batch, size, cin, cout, k, s)}
+    ts = {i: [] for i in impls}
+    for part in range(3):  # interleaved, so load changes hit all alike
+      for i in impls:
+        ts[i].append(_best(fns[i][part], reps))
+    for i in impls:
+      for part in range(3):
+        totals[i][part] += n * ts[i][part]
     rows.append({"size": size, "cin": cin, "cout": cout, "k": k, "stride": s, "count": n,
-                 "jax_ms": [round(1e3 * v, 2) for v in jt],
-                 "torch_ms": [round(1e3 * v, 2) for v in tt]})
-    name = f"{size} {cin} {cout} {k} {s} x{n}"
-    print(f"{name:>32} | {'/'.join(f'{1e3 * v:.0f}' for v in jt):>20} | "
-          f"{'/'.join(f'{1e3 * v:.0f}' for v in tt):>20} | "
-          f"{'/'.join(f'{flops / v / 1e9:.0f}' for v in jt):>21} | "
-          f"{'/'.join(f'{flops / v / 1e9:.0f}' for v in tt)}")
-  print("per step (ms): JAX fwd/dx/dw " + "/".join(f"{1e3 * v:.0f}" for v in totals["jax"])
-        + f" = {1e3 * sum(totals['jax']):.0f}; torch " + "/".join(
-            f"{1e3 * v:.0f}" for v in totals["torch"])
-        + f" = {1e3 * sum(totals['torch']):.0f}; load {os.getloadavg()[0]:.2f}")
+                 **{f"{i}_ms": [round(1e3 * v, 2) for v in ts[i]] for i in impls}})
+    print(f"{f'{size} {cin} {cout} {k} {s} x{n}':>24} | " + " | ".join(
+        f"{'/'.join(f'{1e3 * v:.0f}' for v in ts[i]):>20}" for i in impls) + " | " + " | ".join(
+            "/".join(f"{flops / v / 1e9:.0f}" for v in ts[i]) for i in impls))
+  print("per step (ms, fwd/dx/dw = sum): " + "; ".join(
+      f"{i} " + "/".join(f"{1e3 * v:.0f}" for v in totals[i]) + f" = {1e3 * sum(totals[i]):.0f}"
+      for i in impls) + f"; load {os.getloadavg()[0]:.2f}")
   print(json.dumps({"batch": batch, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "totals_ms": {k: [round(1e3 * v) for v in vs] for k, vs in totals.items()},
                     "layers": rows}))
