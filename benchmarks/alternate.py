@@ -9,7 +9,11 @@ threads do not tax the other's.
 
 Protocol: a worker is this same benchmark script run with ``--worker=NAME``. It builds its
 step, prints one line ``READY <json>`` (facts such as FLOPs per step), then for every ``step``
-line on stdin runs one step and prints ``TIME <seconds>``; ``quit`` (or EOF) ends it.
+line on stdin runs one step and prints ``TIME <seconds>``, and for every ``rate`` line
+measures its framework's matmul rate and prints ``RATE <flop/s>``; ``quit`` (or EOF) ends it.
+The matmul rate is measured after every round, by every worker, and the best counts as the
+ceiling: a rate measured once, at a moment when other jobs held the cores, would understate
+it and inflate the MFU.
 """
 
 from __future__ import annotations
@@ -33,18 +37,22 @@ class Worker:
   base_env: dict[str, str] | None = None  # default: this process's environment
 
 
-def serve(build: Callable[[], tuple[Callable[[], None], dict]]) -> None:
-  """Worker side: builds the step, reports READY, then times one step per request."""
-  run_once, info = build()
+def serve(build: Callable[[], tuple[Callable[[], None], dict, Callable[[], float]]]) -> None:
+  """Worker side: builds (step, facts, matmul-rate function), then answers requests."""
+  run_once, info, matmul_rate = build()
   out = sys.stdout
   out.write("READY " + json.dumps(info) + "\n")
   out.flush()
   for line in sys.stdin:
-    if line.strip() != "step":
+    request = line.strip()
+    if request == "step":
+      t = time.perf_counter()
+      run_once()
+      out.write(f"TIME {time.perf_counter() - t!r}\n")
+    elif request == "rate":
+      out.write(f"RATE {matmul_rate()!r}\n")
+    else:
       break
-    t = time.perf_counter()
-    run_once()
-    out.write(f"TIME {time.perf_counter() - t!r}\n")
     out.flush()
 
 
@@ -57,13 +65,21 @@ def _read(proc: subprocess.Popen, prefix: str, name: str) -> str:
       return line[len(prefix) + 1:].strip()
 
 
-def run(workers: Sequence[Worker], rounds: int) -> tuple[dict[str, dict], dict[str, list]]:
+def _ask(proc: subprocess.Popen, request: str, prefix: str, name: str) -> float:
+  proc.stdin.write(request + "\n")
+  proc.stdin.flush()
+  return float(_read(proc, prefix, name))
+
+
+def run(workers: Sequence[Worker], rounds: int
+        ) -> tuple[dict[str, dict], dict[str, list], dict[str, list]]:
   """Starts the workers one after the other, then times ``rounds`` interleaved steps.
 
   Workers are built one at a time (compilation is CPU-heavy) and all stay alive while timed.
 
   Returns:
-    ``(info, times)``: each worker's READY facts and its per-step seconds.
+    ``(info, times, rates)``: each worker's READY facts, its per-step seconds and its matmul
+    rates (one per round).
   """
   procs, info = {}, {}
   try:
@@ -74,13 +90,13 @@ def run(workers: Sequence[Worker], rounds: int) -> tuple[dict[str, dict], dict[s
           bufsize=1)
       info[w.name] = json.loads(_read(procs[w.name], "READY", w.name))
     times = {w.name: [] for w in workers}
+    rates = {w.name: [] for w in workers}
     for _ in range(rounds):
       for w in workers:
-        p = procs[w.name]
-        p.stdin.write("step\n")
-        p.stdin.flush()
-        times[w.name].append(float(_read(p, "TIME", w.name)))
-    return info, times
+        times[w.name].append(_ask(procs[w.name], "step", "TIME", w.name))
+      for w in workers:
+        rates[w.name].append(_ask(procs[w.name], "rate", "RATE", w.name))
+    return info, times, rates
   finally:
     for p in procs.values():
       if p.poll() is None:
@@ -140,9 +156,9 @@ def compare(script: str, common: Sequence[str], jax_specs: Sequence[str], compar
   """Runs the JAX variants (and PyTorch) of ``script`` alternately; prints a table.
 
   Each JAX worker reports ``flops`` (cost analysis of its compiled program) and
-  ``analytic_flops``; every worker reports ``matmul_rate``. MFU of every variant is the
-  first JAX variant's FLOPs (the work itself, whoever does it) over the measured time and
-  the fastest matmul rate any worker measured.
+  ``analytic_flops``. MFU of every variant is the first JAX variant's FLOPs (the work
+  itself, whoever does it) over the measured time and the fastest matmul rate any worker
+  measured in any round.
 
   ``base_env`` is the environment the workers start from (default: this process's).
 
@@ -159,9 +175,9 @@ def compare(script: str, common: Sequence[str], jax_specs: Sequence[str], compar
     workers.append(Worker("torch", [sys.executable, script, "--worker=torch", *common],
                           base_env=base_env))
   load_before = load_average()
-  info, times = run(workers, rounds)
+  info, times, rates = run(workers, rounds)
   load_after = load_average()
-  ceiling = max(i["matmul_rate"] for i in info.values())
+  ceiling = max(max(r) for r in rates.values())
   first = info[jax_names[0]]
   flops = first["flops"]
   rows = {}
@@ -174,7 +190,7 @@ def compare(script: str, common: Sequence[str], jax_specs: Sequence[str], compar
       "devices": first["devices"], "backend": first["backend"],
       f"flops_per_{what}": flops, f"analytic_flops_per_{what}": first["analytic_flops"],
       "matmul_ceiling_flop_s": ceiling,
-      "matmul_rate": {n: round(i["matmul_rate"]) for n, i in info.items()},
+      "matmul_rate_best": {n: round(max(r)) for n, r in rates.items()},
       "xla_flags": {n: info[n]["xla_flags"] for n in jax_names},
       "load_average": {"before": load_before, "after": load_after},
       "variants": rows,
@@ -182,6 +198,8 @@ def compare(script: str, common: Sequence[str], jax_specs: Sequence[str], compar
   print(f"FLOPs per {what}: cost analysis {flops / 1e9:.1f} G, analytic "
         f"{first['analytic_flops'] / 1e9:.1f} G; matmul ceiling {ceiling / 1e9:.1f} GFLOP/s; "
         f"load average {load_before} -> {load_after}")
+  if max(row["mfu"] for row in rows.values()) > 1:
+    print("WARNING: MFU > 100%: the matmul ceiling was measured under load; rerun")
   print(f"{'':>16} {'img/s':>8} {'MFU':>7}")
   for name, row in rows.items():
     print(f"{name:>16} {row['img_s']:8.2f} {row['mfu']:7.1%}")

@@ -68,14 +68,13 @@ def _config():
 
 
 def build_jax():
-  """(run_once, info) for the project's train step."""
+  """(run_once, info, matmul_rate) for the project's train step."""
   import jax
   import numpy as np
   from unitsface_jax import models, optim, parallel, train
   from flax import nnx
 
   config = _config()
-  ceiling = alternate.xla_matmul_rate(_DTYPE.value)
   mesh = parallel.mesh_from_config(config)
   steps_per_epoch = 1000
   tx = optim.sgd(config, steps_per_epoch)
@@ -108,13 +107,13 @@ def build_jax():
       "flops": float(cost.get("flops", 0.0)),
       "analytic_flops": 3 * 2 * macs * config.batch_size,
       "forward_gmacs_per_image": macs / 1e9,
-      "matmul_rate": ceiling, "backend": jax.default_backend(),
+      "backend": jax.default_backend(),
       "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "jax": jax.__version__}
+      "jax": jax.__version__}, lambda: alternate.xla_matmul_rate(_DTYPE.value)
 
 
 def build_torch():
-  """(run_once, info) for the same step in PyTorch: twin backbone + CosFace head + SGD."""
+  """(run_once, info, matmul_rate) for the same step in PyTorch: twin backbone + CosFace head + SGD."""
   import torch
   import torch.nn.functional as F
   from unitsface_jax.export import torch_modules
@@ -122,7 +121,6 @@ def build_torch():
   bf16 = _DTYPE.value == "bfloat16"
   device = "cuda" if torch.cuda.is_available() else "cpu"
   batch, classes = _BATCH.value, _CLASSES.value
-  ceiling = alternate.torch_matmul_rate(bf16, device)
   torch.manual_seed(0)
   net = torch_modules.get_model(_MODEL.value, dropout=0.0).to(device).to(
       memory_format=torch.channels_last)
@@ -148,8 +146,9 @@ def build_torch():
     loss.item()  # waits for the device (GPU), as block_until_ready does for JAX
 
   run_once()
-  return run_once, {"matmul_rate": ceiling, "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": device}
+  return run_once, {"torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": device}, \
+      lambda: alternate.torch_matmul_rate(bf16, device)
 
 
 def main(argv):
