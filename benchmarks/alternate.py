@@ -84,7 +84,10 @@ def run(workers: Sequence[Worker], rounds: int
   procs, info = {}, {}
   try:
     for w in workers:
-      env = dict(os.environ if w.base_env is None else w.base_env, **w.env)
+      env = dict(os.environ if w.base_env is None else w.base_env)
+      # On a GPU several workers share the device: JAX must not grab 75% of it up front.
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+      env.update(w.env)
       procs[w.name] = subprocess.Popen(
           list(w.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
           bufsize=1)
@@ -123,10 +126,12 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
   return name, env
 
 
-def xla_matmul_rate(dtype: str, n: int = 2048, reps: int = 10) -> float:
-  """FLOP/s of a large square matmul under XLA on the default devices."""
+def xla_matmul_rate(dtype: str, n: int = 0, reps: int = 10) -> float:
+  """FLOP/s of a large square matmul under XLA on the default devices (n: 2048 on CPU,
+  8192 on an accelerator, where 2048 is too small to fill it)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
@@ -138,9 +143,10 @@ def xla_matmul_rate(dtype: str, n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 / min(times) * jax.device_count()
 
 
-def torch_matmul_rate(bf16: bool, device: str, n: int = 2048, reps: int = 10) -> float:
+def torch_matmul_rate(bf16: bool, device: str, n: int = 0, reps: int = 10) -> float:
   """FLOP/s of a large square matmul in PyTorch (oneDNN/MKL on CPU, cuBLAS on GPU)."""
   import torch  # pylint: disable=import-outside-toplevel
+  n = n or (2048 if device == "cpu" else 8192)
   a = torch.ones(n, n, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
   times = []
   for _ in range(reps + 1):

@@ -100,6 +100,8 @@ def build_jax():
 
 def build_torch():
   """(run_once, info, matmul_rate) for the same extraction in PyTorch."""
+  # JAX only calibrates the weights here: keep it off a GPU that PyTorch is timed on.
+  os.environ["JAX_PLATFORMS"] = "cpu"
   import numpy as np
   import torch
   import torch.nn.functional as F
