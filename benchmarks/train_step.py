@@ -4,21 +4,44 @@ r"""Images/s of the project's real train step, its MFU, and PyTorch's on the sam
 
 The JAX step is ``unitsface_jax.train.make_train_step`` (backbone fwd+bwd, class-sharded head
 with CosFace + USS, SGD update, PReLU clamp), on synthetic inputs, after the USS warm-up epoch
-so the sample-to-sample term is active. FLOPs per step come from the compiled executable's
-cost analysis; the matmul ceiling is measured in the same run (a large fp32/bf16 matmul
-under XLA), and MFU = achieved FLOP/s / ceiling. With ``--compare_torch`` the same step in
-PyTorch (the project's torch twin, channels_last, an equivalent CosFace head, SGD with
-momentum and weight decay; fp32, and bf16 autocast when ``--dtype=bfloat16``) is timed
-alternately with the JAX step, and the ratio jax/torch is reported. Ends with one JSON line.
+so the sample-to-sample term is active; it runs under ``jax.transfer_guard("disallow")``, so a
+host round trip inside the step fails the benchmark. FLOPs per step come from the compiled
+executable's cost analysis and are checked against 3 x 2 x forward MACs x batch (the
+backward pass costs twice the forward). The matmul ceiling is measured in the same run (a
+large matmul in XLA and, with ``--compare_torch``, in PyTorch; the faster counts) and MFU =
+achieved FLOP/s / ceiling. With ``--compare_torch`` the same step in PyTorch (the project's
+torch twin, channels_last, an equivalent CosFace head, SGD with momentum, weight decay and
+the same gradient clip; fp32, or bf16 autocast when ``--dtype=bfloat16``) is timed, and the
+ratio jax/torch is reported (> 1: JAX faster).
+
+Every implementation runs in its own worker process and their steps alternate
+(``benchmarks/alternate.py``). ``--jax`` adds JAX variants that differ in environment, e.g.
+
+  --jax=flags_off:UNITSFACE_NO_XLA_FLAGS=1 --jax=tuned
+
+and ``UNITSFACE_BENCH_SRC=/path/to/other/checkout`` in a variant's environment runs that
+checkout's package (before/after pairs of a code change in one run). Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
+import os
+import sys
 
-from absl import app, flags
+# Import the package (which sets its CPU XLA flags) before JAX starts, from the checkout
+# named by UNITSFACE_BENCH_SRC when a worker compares another version of the code.
+_ROOT = os.environ.get("UNITSFACE_BENCH_SRC") or os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+
+# Workers start from the environment as the user gave it, not as the package changed it,
+# so that a variant with UNITSFACE_NO_XLA_FLAGS=1 really runs without the package's flags.
+_USER_ENV = dict(os.environ)
+import unitsface_jax  # noqa: E402,F401  pylint: disable=unused-import
+import alternate  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
@@ -27,88 +50,12 @@ _CLASSES = flags.DEFINE_integer("classes", 10_572, "Head classes (CASIA-WebFace)
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices (0: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Timed rounds (median reported).")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time the PyTorch step.")
+_JAX = flags.DEFINE_multi_string(
+    "jax", ["jax"], "JAX variants, NAME[:VAR=VALUE,...] (extra environment for that worker).")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker 'jax' or 'torch'.")
 
 
-def matmul_ceiling(dtype: str, n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a large square matmul under XLA on the default devices (the MFU reference)."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / min(times) * jax.device_count()
-
-
-def jax_step(config):
-  """(run_once, flops_per_step) for the project's train step."""
-  import jax
-  import numpy as np
-  from unitsface_jax import optim, parallel, train
-
-  mesh = parallel.mesh_from_config(config)
-  steps_per_epoch = 1000
-  tx = optim.sgd(config, steps_per_epoch)
-  graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-  # Start in epoch 1 so CosFace + USS are both active, as in most of a run.
-  state["step"] = jax.device_put(np.int32(steps_per_epoch), state["step"].sharding)
-  step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (config.batch_size, 112, 112, 3)).astype(np.float32)
-  labels = rng.integers(0, config.data.num_classes, config.batch_size).astype(np.int32)
-  images, labels = parallel.global_batch((images, labels), mesh)
-  compiled = step_fn.lower(state, images, labels).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0))
-  holder = {"state": state}
-
-  def run_once():
-    new_state, metrics = step_fn(holder["state"], images, labels)
-    jax.block_until_ready(metrics["loss"])
-    holder["state"] = new_state
-
-  run_once()  # compile + warm up
-  return run_once, flops
-
-
-def torch_step(model_name: str, batch: int, classes: int, bf16: bool):
-  """run_once for the same step in PyTorch: twin backbone + CosFace head + SGD."""
-  import torch
-  import torch.nn.functional as F
-  from unitsface_jax.export import torch_modules
-
-  torch.manual_seed(0)
-  net = torch_modules.get_model(model_name).to(memory_format=torch.channels_last)
-  weight = torch.nn.Parameter(torch.randn(classes, 512) * 0.01)
-  opt = torch.optim.SGD(list(net.parameters()) + [weight], lr=0.1, momentum=0.9,
-                        weight_decay=5e-4)
-  x = torch.rand(batch, 3, 112, 112).mul(2).sub(1).contiguous(
-      memory_format=torch.channels_last)
-  y = torch.randint(0, classes, (batch,))
-
-  def run_once():
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      emb = net(x)
-    cos = F.linear(F.normalize(emb.float()), F.normalize(weight))
-    logits = 64.0 * (cos - 0.4 * F.one_hot(y, classes))
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(net.parameters()) + [weight], 10.0)
-    opt.step()
-
-  run_once()
-  return run_once
-
-
-def main(argv):
-  del argv
-  import jax
+def _config():
   from configs import default
   config = default.get_config()
   config.model.name = _MODEL.value
@@ -117,42 +64,106 @@ def main(argv):
   config.data.num_classes = _CLASSES.value
   config.batch_size = _BATCH.value
   config.num_devices = _DEVICES.value
-  ceiling = matmul_ceiling(_DTYPE.value)
-  run_jax, flops = jax_step(config)
-  run_torch = None
-  if _COMPARE_TORCH.value:
-    run_torch = torch_step(_MODEL.value, _BATCH.value, _CLASSES.value,
-                           _DTYPE.value == "bfloat16")
-  jax_times, torch_times = [], []
-  for _ in range(_ROUNDS.value):  # alternate, so machine noise hits both alike
-    t = time.perf_counter()
-    run_jax()
-    jax_times.append(time.perf_counter() - t)
-    if run_torch is not None:
-      t = time.perf_counter()
-      run_torch()
-      torch_times.append(time.perf_counter() - t)
-  jax_s = statistics.median(jax_times)
-  result = {
-      "model": _MODEL.value, "batch": _BATCH.value, "dtype": _DTYPE.value,
-      "devices": jax.device_count() if not _DEVICES.value else _DEVICES.value,
-      "backend": jax.default_backend(), "classes": _CLASSES.value,
-      "jax_img_s": round(_BATCH.value / jax_s, 3),
-      "flops_per_step": flops, "matmul_ceiling_flop_s": ceiling,
-      "mfu": round(flops / jax_s / ceiling, 4),
-  }
-  if torch_times:
-    torch_s = statistics.median(torch_times)
-    result["torch_img_s"] = round(_BATCH.value / torch_s, 3)
-    result["ratio"] = round(torch_s / jax_s, 3)
-    result["torch_mfu_same_flops"] = round(flops / torch_s / ceiling, 4)
-  print(f"{'':>14} {'img/s':>8} {'MFU':>7}")
-  print(f"{'jax':>14} {result['jax_img_s']:8.2f} {result['mfu']:7.1%}")
-  if torch_times:
-    print(f"{'torch':>14} {result['torch_img_s']:8.2f} {result['torch_mfu_same_flops']:7.1%}")
-    print(f"ratio jax/torch: {result['ratio']:.3f}")
-  print(json.dumps(result))
+  return config
 
+
+def build_jax():
+  """(run_once, info, matmul_rate) for the project's train step."""
+  import jax
+  import numpy as np
+  from unitsface_jax import models, optim, parallel, train
+  from flax import nnx
+
+  config = _config()
+  mesh = parallel.mesh_from_config(config)
+  steps_per_epoch = 1000
+  tx = optim.sgd(config, steps_per_epoch)
+  graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
+  # Start in epoch 1 so CosFace + USS are both active, as in most of a run.
+  state["step"] = jax.device_put(np.int32(steps_per_epoch), state["step"].sharding)
+  step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
+  rng = np.random.default_rng(0)
+  # uint8, as the input pipeline ships it (the step normalises on the device).
+  images = rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)
+  labels = rng.integers(0, config.data.num_classes, config.batch_size).astype(np.int32)
+  images, labels = parallel.global_batch((images, labels), mesh)
+  compiled = step_fn.lower(state, images, labels).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  macs = models.macs_per_image(nnx.eval_shape(lambda: train.create_model(
+      config, jax.random.key(0))))
+  holder = {"state": state}
+
+  def run_once():
+    # No host transfer may happen inside a step: inputs and state are already on device.
+    with jax.transfer_guard("disallow"):
+      # The AOT-compiled step (calling step_fn would compile it a second time).
+      new_state, metrics = compiled(holder["state"], images, labels)
+      jax.block_until_ready(metrics["loss"])
+    holder["state"] = new_state
+
+  run_once()  # warm up (first execution allocates)
+  return run_once, {
+      "flops": float(cost.get("flops", 0.0)),
+      "analytic_flops": 3 * 2 * macs * config.batch_size,
+      "forward_gmacs_per_image": macs / 1e9,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "jax": jax.__version__}, lambda: alternate.xla_matmul_rate(_DTYPE.value)
+
+
+def build_torch():
+  """(run_once, info, matmul_rate) for the same step in PyTorch: twin backbone + CosFace head + SGD."""
+  import torch
+  import torch.nn.functional as F
+  from unitsface_jax.export import torch_modules
+
+  bf16 = _DTYPE.value == "bfloat16"
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  batch, classes = _BATCH.value, _CLASSES.value
+  torch.manual_seed(0)
+  net = torch_modules.get_model(_MODEL.value, dropout=0.0).to(device).to(
+      memory_format=torch.channels_last)
+  net.train()
+  weight = torch.nn.Parameter(torch.randn(classes, 512, device=device) * 0.01)
+  params = list(net.parameters()) + [weight]
+  opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+  images = torch.randint(0, 256, (batch, 3, 112, 112), dtype=torch.uint8, device=device)
+  images = images.contiguous(memory_format=torch.channels_last)
+  y = torch.randint(0, classes, (batch,), device=device)
+
+  def run_once():
+    opt.zero_grad(set_to_none=True)
+    x = images.float() * (2.0 / 255.0) - 1.0
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      emb = net(x)
+    cos = F.linear(F.normalize(emb.float()), F.normalize(weight))
+    logits = 64.0 * (cos - 0.4 * F.one_hot(y, classes))
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
+    opt.step()
+    loss.item()  # waits for the device (GPU), as block_until_ready does for JAX
+
+  run_once()
+  return run_once, {"torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": device}, \
+      lambda: alternate.torch_matmul_rate(bf16, device)
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    alternate.serve(build_jax if _WORKER.value == "jax" else build_torch)
+    return
+  result = {"model": _MODEL.value, "batch": _BATCH.value, "dtype": _DTYPE.value,
+            "classes": _CLASSES.value}
+  result.update(alternate.compare(
+      os.path.abspath(__file__),
+      [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}",
+       f"--classes={_CLASSES.value}", f"--devices={_DEVICES.value}"],
+      _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value, "step", _USER_ENV))
+  print(json.dumps(result))
 
 if __name__ == "__main__":
   app.run(main)
