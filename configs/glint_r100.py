@@ -4,7 +4,7 @@ from configs import default
 
 
 def get_config(arg=None):
-  """Glint360K recipe; variants: runlocal, bf16."""
+  """Glint360K recipe; variants: runlocal (float32, batch 16)."""
   variants = set((arg or "").split(",")) - {""}
   config = default.get_config()
   config.model.name = "iresnet100"
