@@ -25,20 +25,20 @@ RUN = ROOT / "tests" / "train_run.py"
 SMOKE = "--config=configs/demo.py:smoke"
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
   env.pop("XLA_FLAGS", None)
   return env
 
 
-def start(devices, workdir, *flags):
+def start(devices, workdir, *flags, env=None):
   return subprocess.Popen([sys.executable, str(RUN), str(devices), SMOKE, f"--workdir={workdir}",
-                           *flags], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                           *flags], cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
-def run(devices, workdir, *flags, timeout=600):
-  proc = start(devices, workdir, *flags)
+def run(devices, workdir, *flags, timeout=600, env=None):
+  proc = start(devices, workdir, *flags, env=env)
   try:
     out, err = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -204,13 +204,18 @@ def test_two_processes_match_one_process(tmp_path):
   # in-process collectives sum in another order, and those ~1e-7 differences (step 1 agrees)
   # grow past 1e-5 by step 3 of this lr-0.05, batch-8 run; the multi-process code path under
   # test (process-local batches, global arrays, cross-process agreement) is then exact.
+  # And both keep XLA:CPU's default convolution kernels (UNITSFACE_NO_XLA_FLAGS=1): the Eigen
+  # convolutions the package selects for speed split their reductions by the threads a
+  # process has, so 1 x 4 and 2 x 2 would sum in different orders (measured: bitwise equal
+  # without the flag, 6e-5 apart by step 3 with it).
+  env = _env(UNITSFACE_NO_XLA_FLAGS="1")
   one = tmp_path / "one"
   ok(run(4, one, *flags, f"--coordinator_address=127.0.0.1:{_free_port()}",
-         "--num_processes=1", "--process_id=0"))
+         "--num_processes=1", "--process_id=0", env=env))
   two = tmp_path / "two"
   port = _free_port()
   procs = [start(2, two, *flags, f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}") for i in range(2)]
+                 "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
   deadline = time.time() + 600
   try:
     for p in procs:

@@ -9,7 +9,6 @@ scale as a :class:`Frozen` variable, which is saved with the model but is not an
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -92,110 +91,10 @@ class PReLU(nnx.Module):
     return jnp.where(x >= 0, x, a * x)
 
 
-class Conv(nnx.Conv):
-  """``nnx.Conv`` (bias-free, NHWC, symmetric padding) whose strided cases avoid slow gradients.
-
-  XLA computes the input gradient of a strided convolution as a convolution over the output
-  gradient dilated with zeros, which XLA:CPU runs at a third of its dense rate (BENCHMARKS.md,
-  "Train step"). The strided convolutions of insightface's IResNet get other gradients, with
-  the same parameters and the same forward result:
-
-  - 1x1, stride s (the downsample): subsample, then a 1x1 convolution written as a matmul,
-    so that both gradients are matmuls (the weight gradient a plain 2-D one) and the
-    subsampling's gradient is a pad;
-  - 3x3, stride 2, padding 1 (conv2 of each stage's first block): the forward and the
-    weight gradient stay XLA's; the input gradient is that of the same convolution written
-    as four stride-1 convolutions, one per (row, column) parity of the input, each with the
-    kernel taps that read that parity (1x1, 1x2, 2x1 and 2x2: 9 taps in all).
-
-  Every other configuration is ``nnx.Conv`` unchanged.
-  """
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    (kh, kw), (sh, sw) = self.kernel_size, self.strides
-    pads = tuple(p for pair in self.padding for p in pair)
-    if (sh, sw) == (1, 1) or x.ndim != 4 or self.feature_group_count != 1:
-      return super().__call__(x)
-    dtype = self.dtype or x.dtype
-    x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
-    if (kh, kw) == (1, 1) and sh == sw and pads == (0, 0, 0, 0):
-      return _conv1x1_strided(x, kernel[0, 0], sh, self.precision)
-    if (kh, kw, sh, sw) == (3, 3, 2, 2) and pads == (1, 1, 1, 1) \
-        and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
-      return _conv3x3_s2(x, kernel, self.precision)
-    return super().__call__(x)
-
-
-def _lax_conv(x, kernel, strides, padding, precision):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv1x1_strided(x, kernel, stride, precision):
-  return jnp.einsum("nhwc,co->nhwo", x[:, ::stride, ::stride, :], kernel, precision=precision)
-
-
-def _conv1x1_strided_fwd(x, kernel, stride, precision):
-  return _conv1x1_strided(x, kernel, stride, precision), (x, kernel)
-
-
-def _conv1x1_strided_bwd(stride, precision, residuals, dy):
-  x, kernel = residuals
-  xs, unsubsample = jax.vjp(lambda v: v[:, ::stride, ::stride, :], x)
-  # The weight gradient as one [C, N*H*W] x [N*H*W, O] matmul: XLA's transpose of the
-  # einsum above contracts three axes and runs 3x slower.
-  d_kernel = jnp.matmul(xs.reshape(-1, xs.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
-                        precision=precision)
-  dx = unsubsample(jnp.einsum("nhwo,co->nhwc", dy, kernel, precision=precision))[0]
-  return dx, d_kernel
-
-
-_conv1x1_strided.defvjp(_conv1x1_strided_fwd, _conv1x1_strided_bwd)
-
-
-def _polyphase_conv3x3_s2(x, kernel, precision):
-  """The 3x3, stride-2, padding-1 convolution as four stride-1 convolutions (same result)."""
-  # Output row o reads padded rows 2o, 2o+1, 2o+2 = input rows 2o-1 (odd), 2o (even) and
-  # 2o+1 (odd): even rows meet kernel row 1 only; odd rows meet kernel rows (0, 2) at
-  # odd-row indices (o-1, o), a 2-tap stride-1 convolution with one padding row on top.
-  taps = {0: slice(1, 2), 1: slice(0, 3, 2)}  # input parity -> kernel taps reading it
-  pads = {0: (0, 0), 1: (1, 0)}
-  out = None
-  for row in (0, 1):
-    for col in (0, 1):
-      y = _lax_conv(x[:, row::2, col::2, :], kernel[taps[row], taps[col]], (1, 1),
-                    (pads[row], pads[col]), precision)
-      out = y if out is None else out + y
-  return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv3x3_s2(x, kernel, precision):
-  return _lax_conv(x, kernel, (2, 2), ((1, 1), (1, 1)), precision)
-
-
-def _conv3x3_s2_fwd(x, kernel, precision):
-  return _conv3x3_s2(x, kernel, precision), (x, kernel)
-
-
-def _conv3x3_s2_bwd(precision, residuals, dy):
-  x, kernel = residuals
-  # XLA's own weight gradient is the faster one; the input gradient of the polyphase form
-  # is four stride-1 transposed convolutions instead of one over a zero-dilated dy.
-  _, vjp_kernel = jax.vjp(lambda k: _lax_conv(x, k, (2, 2), ((1, 1), (1, 1)), precision),
-                          kernel)
-  _, vjp_x = jax.vjp(lambda v: _polyphase_conv3x3_s2(v, kernel, precision), x)
-  return vjp_x(dy)[0], vjp_kernel(dy)[0]
-
-
-_conv3x3_s2.defvjp(_conv3x3_s2_fwd, _conv3x3_s2_bwd)
-
-
 def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int, *,
-         kernel_init, dtype: Dtype, rngs: nnx.Rngs) -> Conv:
+         kernel_init, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
   """A bias-free 2-D convolution on NHWC input with explicit symmetric padding."""
-  return Conv(
+  return nnx.Conv(
       in_features, out_features, kernel_size=(kernel, kernel), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
       param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
