@@ -60,8 +60,10 @@ def _best(fn, reps):
 def jax_fns(batch, size, cin, cout, k, s, project_layer):
   """Forward, input-gradient and weight-gradient thunks of one conv under XLA.
 
-  ``project_layer``: the project's ``models.layers.Conv`` (strided cases rewritten) instead
-  of a plain ``lax.conv_general_dilated``.
+  ``project_layer``: the convolution the backbones build (``models.layers.conv``) instead of a
+  plain ``lax.conv_general_dilated``. Today that is ``nnx.Conv`` and times like "lax"; the
+  column is kept to measure a project-side convolution rewrite against XLA's (the strided
+  rewrite measured in BENCHMARKS.md was withdrawn).
   """
   import jax
   import jax.numpy as jnp

@@ -3,7 +3,7 @@ iterator and the config, saved asynchronously by orbax's CheckpointManager.
 
 Items per step:
   state   every array of the run (backbone params, BN statistics, frozen scales, head W, M,
-          seen, b, initialized, optimiser state, step, epoch), restored with the caller's
+          seen, b, initialized, optimiser state, step; the epoch follows from the step), restored with the caller's
           target shardings so a run resumes on another device count;
   data    the grain iterator state (one file per process), so a resumed run sees the same
           batches it would have seen;
