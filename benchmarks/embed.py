@@ -70,7 +70,6 @@ def calibrated_model():
 def build_jax():
   """(run_once, info, matmul_rate) for the project's flip-fused extraction."""
   import jax
-  from flax import nnx
   from unitsface_jax import models
   from unitsface_jax.evaluation import extract
 

@@ -104,7 +104,7 @@ def test_batches_are_sharded_over_four_devices(tmp_path):
       np.testing.assert_allclose(emb, _direct(model, images), atol=1e-5)
       mesh = extract.batch_mesh()
       from jax.sharding import NamedSharding, PartitionSpec as P
-      x = jax.device_put(images[:8], NamedSharding(mesh, P("batch")))
+      x = jax.device_put(images[:8], NamedSharding(mesh, P(mesh.axis_names[0])))
       out = extract._forward(jax.tree_util.Partial(lambda v: v.sum(axis=(1, 2))), x)[0]
       assert len(out.sharding.device_set) == 4, out.sharding
       print("OK")

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unitsface_jax import parallel
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 
@@ -56,15 +58,12 @@ def nnx_apply_fn(model: nnx.Module) -> ApplyFn:
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh named ``batch`` over ``devices`` (default: all local devices).
+  """The project's 1-D mesh (``parallel.make_mesh``) over this process's devices.
 
-  Auto axis types, not Explicit: extraction is plain data parallelism and the backbone code
-  must not need sharding annotations for it (Explicit axes would make every op inside the
-  model type-check its sharding).
+  Local devices only: each process embeds its own images. The axis is Auto, as for training
+  (see ``parallel.make_mesh``).
   """
-  devices = list(jax.local_devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), ("batch",), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  return parallel.make_mesh(devices=jax.local_devices() if devices is None else devices)
 
 
 def _to_model_input(images: jax.Array) -> jax.Array:
@@ -101,7 +100,7 @@ def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,
     num_images: number of images an iterable yields (ignored for an array).
     batch_size: global batch; rounded up to a multiple of the device count.
     flip: also run the horizontally mirrored crops.
-    mesh: 1-D mesh with axis ``batch`` (default :func:`batch_mesh`).
+    mesh: a 1-D mesh from ``parallel.make_mesh`` (default :func:`batch_mesh`).
     desc: progress bar label.
     progress: show a tqdm bar.
 
@@ -111,7 +110,7 @@ def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,
   mesh = batch_mesh() if mesh is None else mesh
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev
-  data_sharding = NamedSharding(mesh, P("batch"))
+  data_sharding = NamedSharding(mesh, P(parallel.DEVICE_AXIS))
   if not isinstance(apply_fn, jax.tree_util.Partial):
     # A bare function becomes a leafless pytree whose identity keys the jit cache.
     apply_fn = jax.tree_util.Partial(apply_fn)
