@@ -70,7 +70,7 @@ def calibrated_model():
 def build_jax():
   """(run_once, info, matmul_rate) for the project's flip-fused extraction."""
   import jax
-  from unitsface_jax import models
+  from unitsface_jax import models, parallel
   from unitsface_jax.evaluation import extract
 
   model = calibrated_model()
@@ -78,9 +78,8 @@ def build_jax():
   images = _images(_BATCH.value)
   mesh = extract.batch_mesh()
   # FLOPs of one batch: the compiled forward on x and flip(x) that extract_raw runs.
-  sharded = jax.device_put(images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      "batch")))
-  fn = jax.device_put(apply_fn, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  sharded = jax.device_put(images, parallel.batch_sharding(mesh))
+  fn = jax.device_put(apply_fn, parallel.replicated(mesh))
   cost = extract._forward.lower(fn, sharded).compile().cost_analysis()  # pylint: disable=protected-access
   cost = cost[0] if isinstance(cost, list) else cost
   macs = models.macs_per_image(model)
