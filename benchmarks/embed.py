@@ -107,6 +107,7 @@ def build_torch():
 
   bf16 = _DTYPE.value == "bfloat16"
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.backends.cudnn.benchmark = True  # as in benchmarks/train_step.py
   from unitsface_jax import export
   net = torch_modules.get_model(_MODEL.value)
   net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
