@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end and end with the JSON line BENCHMARKS.md relies on.
+
+Timing is not tested here (BENCHMARKS.md holds the measurements); what breaks silently when
+the package changes under the scripts is: a mesh axis renamed, a worker that no longer
+starts, a key missing from the result. A tiny iresnet18 run, one round each.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytest.importorskip("torch")
+
+
+def _run(script: str, *args: str) -> dict:
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / script), "--model=iresnet18",
+       "--rounds=1", "--compare_torch", *args],
+      capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_benchmark_reports_ratio_and_mfu():
+  result = _run("train_step.py", "--batch=2", "--classes=16", "--steps=2")
+  for key in ("jax_img_s", "torch_img_s", "ratio", "mfu", "matmul_ceiling_flop_s"):
+    assert result[key] > 0, (key, result)
+  assert result["steps_per_round"] == 2
+  # On the CPU the compiled step's cost analysis agrees with the analytic count.
+  assert result["mfu_flops"] == "cost_analysis"
+  ratio = result["flops_per_2_steps"] / result["analytic_flops_per_2_steps"]
+  assert 0.8 < ratio < 1.1, ratio
+  assert result["ratio"] == pytest.approx(result["jax_img_s"] / result["torch_img_s"],
+                                          rel=1e-2)
+
+
+def test_embed_benchmark_reports_ratio_and_mfu():
+  result = _run("embed.py", "--batch=2")
+  for key in ("jax_img_s", "torch_img_s", "ratio", "mfu"):
+    assert result[key] > 0, (key, result)
+  assert result["flip"] is True
