@@ -8,8 +8,10 @@ Measures, on the same encoded images (default: the bundled ORL demo RecordIO set
                   from the .rec, decode, random flip, normalise to float32, batch, hand the
                   batch to this process), the default configuration;
   pipeline uint8: the same with ``normalize=False`` (the accelerator normalises);
-  in process:     the uint8 pipeline with no workers (what the pipeline costs without the
-                  hand-over between processes).
+  threads:        the uint8 and float32 pipelines with no worker processes and ``--workers``
+                  decoding threads in this process (simplejpeg releases the GIL);
+  in process:     the uint8 pipeline with no workers and one thread (what the pipeline costs
+                  without any hand-over).
 Each pipeline is started afresh in each of its rounds and timed after its workers have
 started and delivered a first batch (then closed, so idle workers never overlap). Rounds
 alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
@@ -38,7 +40,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from unitsface_jax.data import demo, pipeline, sources  # pylint: disable=wrong-import-position
 
 _DATA = flags.DEFINE_string("data", str(demo.demo_path()), "RecordIO/TFDS/image folder.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "grain worker processes for the pipeline.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 2, "grain worker processes, and decoding threads for the threaded rows.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Per-host batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds per measurement round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each measurement.")
@@ -115,12 +118,17 @@ def main(argv):
       simplejpeg.decode_jpeg(data, colorspace="RGB")
 
   configs = {name: pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0,
-                                           worker_count=workers, normalize=normalize)
-             for name, normalize, workers in (
-                 ("pipeline_f32", True, _WORKERS.value),
-                 ("pipeline_uint8", False, _WORKERS.value),
-                 # For reference: the same work in this process, with no hand-over at all.
-                 ("pipeline_uint8_in_process", False, 0))}
+                                           worker_count=workers, read_threads=threads,
+                                           normalize=normalize)
+             for name, normalize, workers, threads in (
+                 ("pipeline_f32", True, _WORKERS.value, 1),
+                 ("pipeline_uint8", False, _WORKERS.value, 1),
+                 # Decoding threads in this process instead of worker processes (the JPEG
+                 # decoder releases the GIL): no hand-over between processes.
+                 ("pipeline_uint8_threads", False, 0, _WORKERS.value),
+                 ("pipeline_f32_threads", True, 0, _WORKERS.value),
+                 # For reference: the same work in this process, one thread.
+                 ("pipeline_uint8_in_process", False, 0, 1))}
   results = {"raw": [], **{name: [] for name in configs}}
   loads = []
   for _ in range(_ROUNDS.value):
@@ -140,8 +148,8 @@ def main(argv):
              for name, rounds in results.items()}
   raw = summary["raw"]["img_s"]
   for name, config in configs.items():
-    summary[name]["ratio_to_workers_x_raw"] = round(
-        summary[name]["img_s"] / (max(config.worker_count, 1) * raw), 3)
+    parallel = config.worker_count or config.read_threads
+    summary[name]["ratio_to_workers_x_raw"] = round(summary[name]["img_s"] / (parallel * raw), 3)
   shape = (_BATCH.value, 112, 112, 3)
   shm = {"float32": round(_shm_fill_ms(shape, "float32"), 2),
          "uint8": round(_shm_fill_ms(shape, "uint8"), 2)}

@@ -59,6 +59,10 @@ def get_config(arg=None):
   config.batch_size = 512  # global
   config.num_epochs = 28
 
+  # Compiled programs are kept in WORKDIR/jax_cache, so a resumed run skips compilation
+  # (JAX_COMPILATION_CACHE_DIR, when set, is used instead).
+  config.compilation_cache = True
+
   config.log_every_steps = 50
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
