@@ -34,6 +34,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",
         "hypothesis>=6.100",
         "scikit-learn>=1.4",
     ],

@@ -8,10 +8,12 @@ Measures, on the same encoded images (default: the bundled ORL demo RecordIO set
                   from the .rec, decode, random flip, normalise to float32, batch, hand the
                   batch to this process), the default configuration;
   pipeline uint8: the same with ``normalize=False`` (the accelerator normalises);
-  threads:        the uint8 and float32 pipelines with no worker processes and ``--workers``
-                  decoding threads in this process (simplejpeg releases the GIL);
-  in process:     the uint8 pipeline with no workers and one thread (what the pipeline costs
-                  without any hand-over).
+  train:          uint8 with ``defer_flip`` (the training configuration: the accelerator
+                  normalises and mirrors);
+  train threads:  the same with no worker processes and ``--workers`` decoding threads in
+                  this process (simplejpeg releases the GIL);
+  in process:     the training configuration with no workers and one thread (what the
+                  pipeline costs without any hand-over).
 Each pipeline is started afresh in each of its rounds and timed after its workers have
 started and delivered a first batch (then closed, so idle workers never overlap). Rounds
 alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
@@ -119,16 +121,17 @@ def main(argv):
 
   configs = {name: pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0,
                                            worker_count=workers, read_threads=threads,
-                                           normalize=normalize)
-             for name, normalize, workers, threads in (
-                 ("pipeline_f32", True, _WORKERS.value, 1),
-                 ("pipeline_uint8", False, _WORKERS.value, 1),
-                 # Decoding threads in this process instead of worker processes (the JPEG
-                 # decoder releases the GIL): no hand-over between processes.
-                 ("pipeline_uint8_threads", False, 0, _WORKERS.value),
-                 ("pipeline_f32_threads", True, 0, _WORKERS.value),
-                 # For reference: the same work in this process, one thread.
-                 ("pipeline_uint8_in_process", False, 0, 1))}
+                                           normalize=normalize, defer_flip=defer)
+             for name, normalize, defer, workers, threads in (
+                 ("pipeline_f32", True, False, _WORKERS.value, 1),
+                 ("pipeline_uint8", False, False, _WORKERS.value, 1),
+                 # As training runs it: uint8, flips applied on the accelerator.
+                 ("pipeline_train", False, True, _WORKERS.value, 1),
+                 # The same with decoding threads in this process instead of worker processes
+                 # (the JPEG decoder releases the GIL): no hand-over between processes.
+                 ("pipeline_train_threads", False, True, 0, _WORKERS.value),
+                 # For reference: the training configuration in this process, one thread.
+                 ("pipeline_train_in_process", False, True, 0, 1))}
   results = {"raw": [], **{name: [] for name in configs}}
   loads = []
   for _ in range(_ROUNDS.value):

@@ -29,6 +29,9 @@ def get_config(arg=None):
   config.data.skip_bad_records = False
   config.data.max_examples = 0  # > 0: train on the first N examples only (smoke runs)
   config.data.num_workers = 2
+  # Threads per process that read and decode batches (the JPEG decoder releases the GIL);
+  # with num_workers = 0 they are the only parallelism (BENCHMARKS.md, "Input pipeline").
+  config.data.read_threads = 1
 
   config.loss = ml_collections.ConfigDict()
   config.loss.s2c = "cosface"  # cosface | arcface | normalized_bce | uce

@@ -76,6 +76,23 @@ def test_flip_is_horizontal_and_about_half(orl):
   assert 10 <= sum(flipped) <= 40
 
 
+def test_deferred_flips_mirror_to_the_host_flipped_batch(orl):
+  """defer_flip ships unflipped pixels and the coins; the training step's mirror() of them is
+  the batch the pipeline would have flipped itself (uint8, as training ships)."""
+  from unitsface_jax import train  # pylint: disable=import-outside-toplevel
+  host = pipeline.PipelineConfig(batch_size=16, seed=7, normalize=False)
+  deferred = pipeline.PipelineConfig(batch_size=16, seed=7, normalize=False, defer_flip=True)
+  a = _take(iter(pipeline.make_pipeline(orl, host)), 2)
+  b = _take(iter(pipeline.make_pipeline(orl, deferred)), 2)
+  for x, y in zip(a, b):
+    assert y["flip"].dtype == bool and 0 < y["flip"].sum() < 16
+    np.testing.assert_array_equal(x["label"], y["label"])
+    np.testing.assert_array_equal(np.asarray(train.mirror(y["image"], y["flip"])), x["image"])
+  no_flip = pipeline.PipelineConfig(batch_size=16, seed=7, normalize=False, random_flip=False,
+                                    defer_flip=True)
+  assert not next(iter(pipeline.make_pipeline(orl, no_flip)))["flip"].any()
+
+
 def test_each_epoch_is_a_new_permutation():
   n, batch = 64, 8
   config = pipeline.PipelineConfig(batch_size=batch, seed=7, num_epochs=3, random_flip=False)

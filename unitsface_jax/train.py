@@ -125,6 +125,12 @@ def init_state(config, mesh, tx, key):
   return graphdef, rng_state, state
 
 
+def mirror(images: jax.Array, flips: jax.Array) -> jax.Array:
+  """Horizontally mirrors ``images[i]`` (NHWC) where ``flips[i]``: the pipeline's
+  ``defer_flip`` coin flips, applied on the device."""
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+
+
 def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int):
   """The pure, jitted update: backbone fwd/bwd, sharded head, objective, SGD, PReLU clamp."""
   hc = head_config(config)
@@ -134,8 +140,11 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
   lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch / accum)
   groups = mesh.size if config.model.bn_stats == "per_device" else 0
 
-  def train_step(state, images, labels):
-    # The pipeline ships uint8 (4x less host traffic); (x / 255 - 0.5) / 0.5 happens here.
+  def train_step(state, images, labels, flips=None):
+    # The pipeline ships uint8 (4x less host traffic) and, with defer_flip, the coin flips
+    # it did not apply; mirroring and (x / 255 - 0.5) / 0.5 happen here, on the device.
+    if flips is not None:
+      images = mirror(images, flips)
     images = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     step = state["step"]
     epoch = step // steps_per_epoch
@@ -342,7 +351,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   data = pipeline_lib.PipelineIterator(
       source, pipeline_lib.PipelineConfig(
           batch_size=local_batch, seed=config.seed, worker_count=config.data.num_workers,
-          skip_bad_records=config.data.skip_bad_records, normalize=False),
+          read_threads=config.data.get("read_threads", 1),
+          skip_bad_records=config.data.skip_bad_records,
+          normalize=False, defer_flip=True),
       process_index=jax.process_index(), process_count=n_proc)
 
   # ---------------------------------------------------------------- model, head, optimiser
@@ -373,8 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   try:
     for step in range(start_step, total_steps):
       batch = next(data)
-      images, labels = parallel.global_batch((batch["image"], batch["label"]), mesh)
-      state, metrics = train_step(state, images, labels)
+      images, labels, flips = parallel.global_batch(
+          (batch["image"], batch["label"], batch["flip"]), mesh)
+      state, metrics = train_step(state, images, labels, flips)
       if t0 is None:  # throughput and ETA from the end of the first (compiling) step
         jax.block_until_ready(metrics["loss"])
         t0 = time.time()

@@ -63,6 +63,10 @@ class PipelineConfig:
       the training process in a fresh shared-memory block whose pages the kernel must
       allocate and zero, which costs more CPU than decoding when the batch is float32;
       uint8 is 4x fewer bytes (see BENCHMARKS.md).
+    defer_flip: with ``random_flip``, leave the pixels as decoded and emit the coin flips as
+      a bool ``"flip"`` field [B] for the consumer to apply (the training step mirrors those
+      images on the accelerator, where it is free; on the host, reversing 3-byte pixels costs
+      about a third of a JPEG decode). The same images are mirrored either way.
   """
 
   batch_size: int
@@ -76,6 +80,7 @@ class PipelineConfig:
   read_threads: int = 1
   skip_bad_records: bool = False
   normalize: bool = True
+  defer_flip: bool = False
 
 
 def examples_per_epoch(num_examples: int, batch_size: int, process_count: int = 1) -> int:
@@ -215,15 +220,20 @@ class _MakeBatch:
           if bad[j] >= _MAX_CONSECUTIVE_BAD:
             raise DataError(f"{bad[j]} bad records in a row; giving up (last: {e})") from e
           i = (i + 1) % n  # the next record takes its place: batch counts stay equal
+    flips = None
     if self.config.random_flip:
       # Keyed by the global position, so every host count flips the same images.
       epoch, global_slots = self.index.global_positions(positions)
       global_positions = epoch * self.index.per_epoch * self.index.process_count + global_slots
-      flip = np.flatnonzero(_flips(self.config.seed, global_positions))
-      # Reverse whole 3-byte pixels (a 'V3' view): twice as fast as a strided uint8 copy.
-      as_pixels = pixels.view("V3").reshape(size, height, width)
-      as_pixels[flip] = as_pixels[flip, :, ::-1]
+      flips = _flips(self.config.seed, global_positions)
+      if not self.config.defer_flip:
+        flip = np.flatnonzero(flips)
+        # Reverse whole 3-byte pixels (a 'V3' view): twice as fast as a strided uint8 copy.
+        as_pixels = pixels.view("V3").reshape(size, height, width)
+        as_pixels[flip] = as_pixels[flip, :, ::-1]
     batch = {"image": normalize(pixels) if self.config.normalize else pixels, "label": labels}
+    if self.config.defer_flip:
+      batch["flip"] = flips if flips is not None else np.zeros((size,), bool)
     if self.config.skip_bad_records:
       batch["bad_records"] = bad
     return batch
@@ -241,8 +251,8 @@ def make_batches(source, config: PipelineConfig, *, process_index: int = 0,
 
   Returns:
     Batches ``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` (``image`` uint8 when
-    ``normalize`` is False; plus ``"bad_records"`` int32 [B] when skipping); infinitely many
-    when ``num_epochs`` is None.
+    ``normalize`` is False; plus ``"flip"`` bool [B] with ``defer_flip``, and
+    ``"bad_records"`` int32 [B] when skipping); infinitely many when ``num_epochs`` is None.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
