@@ -208,7 +208,8 @@ def compare(script: str, common: Sequence[str], jax_specs: Sequence[str], compar
       "variants": rows,
   }
   print(f"FLOPs per {what}: cost analysis {first['flops'] / 1e9:.1f} G, analytic "
-        f"{first['analytic_flops'] / 1e9:.1f} G (MFU uses {flops_source}); matmul ceiling {ceiling / 1e9:.1f} GFLOP/s; "
+        f"{first['analytic_flops'] / 1e9:.1f} G (MFU uses {flops_source}); "
+        f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s; "
         f"load average {load_before} -> {load_after}")
   if max(row["mfu"] for row in rows.values()) > 1:
     print("WARNING: MFU > 100%: the matmul ceiling was measured under load; rerun")

@@ -48,8 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(c.data.max_examples >= 0, "data.max_examples", c.data.max_examples,
            "must be >= 0 (0: all)")
   _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
-  _require(c.data.get("read_threads", 1) >= 0, "data.read_threads", c.data.get("read_threads"),
-           "must be >= 0")
+  _require(c.data.read_threads >= 0, "data.read_threads", c.data.read_threads, "must be >= 0")
   _require(c.loss.s2c in S2C_LOSSES, "loss.s2c", c.loss.s2c, f"must be one of {S2C_LOSSES}")
   _require(c.loss.s2s in S2S_LOSSES, "loss.s2s", c.loss.s2s, f"must be one of {S2S_LOSSES}")
   for field in ("s2c_scale", "s2s_scale"):

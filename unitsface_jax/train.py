@@ -351,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   data = pipeline_lib.PipelineIterator(
       source, pipeline_lib.PipelineConfig(
           batch_size=local_batch, seed=config.seed, worker_count=config.data.num_workers,
-          read_threads=config.data.get("read_threads", 1),
+          read_threads=config.data.read_threads,
           skip_bad_records=config.data.skip_bad_records,
           normalize=False, defer_flip=True),
       process_index=jax.process_index(), process_count=n_proc)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unitsface_jax import parallel
 
@@ -110,11 +109,11 @@ def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,
   mesh = batch_mesh() if mesh is None else mesh
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev
-  data_sharding = NamedSharding(mesh, P(parallel.DEVICE_AXIS))
+  data_sharding = parallel.batch_sharding(mesh)
   if not isinstance(apply_fn, jax.tree_util.Partial):
     # A bare function becomes a leafless pytree whose identity keys the jit cache.
     apply_fn = jax.tree_util.Partial(apply_fn)
-  apply_fn = jax.device_put(apply_fn, NamedSharding(mesh, P()))
+  apply_fn = jax.device_put(apply_fn, parallel.replicated(mesh))
   if isinstance(images, np.ndarray):
     num_images = images.shape[0]
     chunks: Iterable[np.ndarray] = (images[i:i + batch_size]
