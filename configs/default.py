@@ -19,6 +19,7 @@ def get_config(arg=None):
   config.model.dtype = "float32"  # activations; parameters, head and losses are float32
   config.model.dropout = 0.4
   config.model.num_features = 512
+  config.model.width = 64  # channels of the first stage (x1, 2, 4, 8); 64 in every paper
   config.model.bn_stats = "global"  # global (sync over the global batch) | per_device
 
   config.data = ml_collections.ConfigDict()

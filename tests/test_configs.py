@@ -34,6 +34,7 @@ def test_official_casia_recipe_values():
     ("model.name", "resnet9", "config.model.name = 'resnet9'"),
     ("loss.s2s_margin", 1.5, "config.loss.s2s_margin = 1.5"),
     ("batch_size", 0, "config.batch_size = 0"),
+    ("model.width", 0, "config.model.width = 0: must be a positive"),
     ("schedule.decay_epochs", (24, 16), "config.schedule.decay_epochs"),
 ])
 def test_bad_values_name_the_field(field, value, message):

@@ -72,7 +72,7 @@ def test_cli_params_path_runs_a_real_backbone(data_dir, tmp_path):
   from unitsface_jax import export, models
   from unitsface_jax.evaluation import extract
 
-  model = models.create("iresnet18", rngs=nnx.Rngs(3))
+  model = models.create("iresnet18", rngs=nnx.Rngs(3), width=16)  # the file carries the width
   weights = tmp_path / "w.npz"
   export.save_params(weights, model, "iresnet18")
   bin_path = data_dir / "eval" / "lfw_fold1_py2str_20pairs.bin"

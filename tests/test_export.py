@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 torch_modules = pytest.importorskip("unitsface_jax.export.torch_modules")
 
 
-def random_torch_net(name, seed=0):
+def random_torch_net(name, seed=0, width=64):
   """A PyTorch twin with random weights and non-trivial BN statistics, in eval mode."""
   torch.manual_seed(seed)
-  net = torch_modules.get_model(name)
+  net = torch_modules.get_model(name, width=width)
   with torch.no_grad():
     for m in net.modules():
       if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -41,11 +41,14 @@ def images(n, seed=0):
   return np.random.RandomState(seed).uniform(-1, 1, (n, 112, 112, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["iresnet18", "iresnet50", "lresnet50_eir"])
-def test_parity_with_pytorch_twin_and_bitwise_round_trip(name):
-  net = random_torch_net(name)
+@pytest.mark.parametrize("name,width", [("iresnet18", 64), ("iresnet50", 64),
+                                        ("lresnet50_eir", 64), ("iresnet18", 16),
+                                        ("lresnet50_eir", 24)])
+def test_parity_with_pytorch_twin_and_bitwise_round_trip(name, width):
+  net = random_torch_net(name, width=width)
   state = numpy_state(net)
-  model = export.load_torch_state_dict(models.create(name, rngs=nnx.Rngs(0)), state)
+  model = export.load_torch_state_dict(models.create(name, rngs=nnx.Rngs(0), width=width),
+                                       state)
   model.eval()
   x = images(3)
   with torch.no_grad():
@@ -60,8 +63,9 @@ def test_parity_with_pytorch_twin_and_bitwise_round_trip(name):
     assert back[key].dtype == expected[key].dtype and back[key].shape == expected[key].shape
     assert back[key].tobytes() == expected[key].tobytes(), key
   # The exported dict loads strictly into the PyTorch twin (num_batches_tracked is filled in).
-  twin = torch_modules.get_model(name)
+  twin = torch_modules.get_model(name, width=width)
   twin.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+  assert export.infer_width(back) == width
 
 
 def test_insightface_key_names():
@@ -125,11 +129,12 @@ def test_official_checkpoint_with_loss_modules_and_torch_tensors_loads(tmp_path)
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth"])
 def test_weight_files_round_trip(tmp_path, suffix):
-  model = models.create("iresnet18", rngs=nnx.Rngs(4))
+  # A narrow trunk: the width is not stored, it is read back from conv1.weight.
+  model = models.create("iresnet18", rngs=nnx.Rngs(4), width=16)
   path = tmp_path / f"w{suffix}"
   export.save_params(path, model, "iresnet18")
   name, loaded = export.load_params(path)
-  assert name == "iresnet18"
+  assert name == "iresnet18" and loaded.conv1.kernel.shape == (3, 3, 3, 16)
   a, b = export.torch_state_dict(model), export.torch_state_dict(loaded)
   assert all(a[k].tobytes() == b[k].tobytes() for k in a)
 
@@ -162,7 +167,7 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path):
 
 
 def test_export_cli_writes_onnx_and_torch(tmp_path):
-  model = models.create("iresnet18", rngs=nnx.Rngs(5))
+  model = models.create("iresnet18", rngs=nnx.Rngs(5), width=16)  # the width travels too
   src = tmp_path / "w.npz"
   export.save_params(src, model, "iresnet18")
   for fmt, out in (("torch", "w.pth"), ("onnx", "w.onnx")):

@@ -37,6 +37,21 @@ def test_unknown_model_and_dtype_are_refused():
     models.create("iresnet18", rngs=nnx.Rngs(0), dtype="float16")
 
 
+@pytest.mark.parametrize("name", ["iresnet18", "lresnet50_eir"])
+def test_width_scales_every_stage_and_the_embedding_layer(name):
+  narrow, full = abstract(name, width=16), abstract(name)
+  assert narrow.conv1.kernel.shape == (3, 3, 3, 16)
+  assert narrow.layer4[0].conv2.kernel.shape[-1] == 128  # 8 x width
+  out = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), width=16,
+                                             num_features=128)(jnp.zeros((2, 112, 112, 3))))
+  assert out.shape == (2, 128)
+  # The trunk's convolutions scale with width^2: a quarter width is ~1/16 of the MACs.
+  ratio = models.macs_per_image(narrow) / models.macs_per_image(full)
+  assert 1 / 17 < ratio < 1 / 15, ratio
+  with pytest.raises(ValueError, match="width must be a positive"):
+    models.create(name, rngs=nnx.Rngs(0), width=0)
+
+
 def test_wrong_input_shape_is_refused():
   model = models.create("iresnet18", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\[N, 112, 112, 3\].*\(2, 3, 112, 112\)"):
@@ -98,15 +113,16 @@ def test_batchnorm_matches_pytorch_training_update():
 
 
 def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  model = models.create("iresnet18", rngs=nnx.Rngs(0), width=16)
   x = jax.random.uniform(jax.random.key(1), (4, 112, 112, 3), minval=-1, maxval=1)
+  forward = nnx.jit(lambda m, x: m(x))  # one compiled program per mode, not op by op
   model.eval()
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  y_eval = model(x)
+  y_eval = forward(model, x)
   unchanged = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   jax.tree.map(np.testing.assert_array_equal, before, unchanged)
   model.train()
-  y_train = model(x)
+  y_train = forward(model, x)
   after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   assert not np.allclose(before["bn1"]["mean"], after["bn1"]["mean"])
   assert y_eval.dtype == y_train.dtype == jnp.float32 and y_eval.shape == (4, 512)
@@ -114,20 +130,21 @@ def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
 
 
 def test_bfloat16_activations_keep_float32_params_and_output():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0), dtype="bfloat16")
+  model = models.create("iresnet18", rngs=nnx.Rngs(0), dtype="bfloat16", width=16)
   model.eval()
-  model32 = models.create("iresnet18", rngs=nnx.Rngs(0))
+  model32 = models.create("iresnet18", rngs=nnx.Rngs(0), width=16)
   model32.eval()
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
   x = jax.random.uniform(jax.random.key(2), (2, 112, 112, 3), minval=-1, maxval=1)
-  y16, y32 = model(x), model32(x)
+  forward = nnx.jit(lambda m, x: m(x))
+  y16, y32 = forward(model, x), forward(model32, x)
   assert y16.dtype == jnp.float32
   cos = jnp.sum(y16 * y32, -1) / jnp.linalg.norm(y16, axis=-1) / jnp.linalg.norm(y32, axis=-1)
   assert float(cos.min()) > 0.99
 
 
 def test_gradients_reach_params_but_not_frozen_scale():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  model = models.create("iresnet18", rngs=nnx.Rngs(0), width=8)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(params, rest, x):
@@ -135,7 +152,7 @@ def test_gradients_reach_params_but_not_frozen_scale():
     return jnp.mean(m(x) ** 2), nnx.state(m, nnx.BatchStat)
 
   x = jax.random.uniform(jax.random.key(3), (2, 112, 112, 3), minval=-1, maxval=1)
-  grads, stats = jax.grad(loss, has_aux=True)(params, rest, x)
+  grads, stats = jax.jit(jax.grad(loss, has_aux=True))(params, rest, x)
   assert not np.allclose(stats["bn1"]["mean"][...], rest["bn1"]["mean"][...])
   assert "scale" not in grads["features"]
   assert float(jnp.abs(grads["conv1"]["kernel"][...]).max()) > 0

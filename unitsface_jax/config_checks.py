@@ -38,6 +38,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "must be in [0, 1)")
   _require(c.model.num_features > 0, "model.num_features", c.model.num_features,
            "must be positive")
+  _require(isinstance(c.model.width, int) and c.model.width > 0, "model.width", c.model.width,
+           "must be a positive number of channels")
   _require(c.model.bn_stats in BN_STATS, "model.bn_stats", c.model.bn_stats,
            f"must be one of {BN_STATS}")
   _require(c.num_devices >= 0, "num_devices", c.num_devices, "must be >= 0 (0: all)")

@@ -39,7 +39,8 @@ def main(argv) -> int:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   abstract = nnx.eval_shape(lambda: models.create(
       config.model.name, rngs=nnx.Rngs(0), dtype=config.model.dtype,
-      dropout=config.model.dropout, num_features=config.model.num_features))
+      dropout=config.model.dropout, num_features=config.model.num_features,
+      width=config.model.width))
   logging.info("%s", models.summary(config.model.name, abstract))
   from unitsface_jax import train  # pylint: disable=g-import-not-at-top
   try:

@@ -88,7 +88,8 @@ def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
 def create_model(config: ml_collections.ConfigDict, key) -> nnx.Module:
   return models.create(config.model.name, rngs=nnx.Rngs(params=key, dropout=key),
                        dtype=config.model.dtype, dropout=config.model.dropout,
-                       num_features=config.model.num_features)
+                       num_features=config.model.num_features,
+                       width=config.model.get("width", 64))  # runs saved before width: 64
 
 
 def init_state(config, mesh, tx, key):

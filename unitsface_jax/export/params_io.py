@@ -4,7 +4,7 @@ Every format holds the PyTorch-layout state dict of :mod:`unitsface_jax.export.s
 a file written here loads into insightface's models and a file from insightface loads here.
 The architecture is stored with the weights (``__model__`` in .npz, metadata in .safetensors)
 and otherwise inferred from the keys (``fc5`` means LResNet-EIR, the block counts per stage
-give the depth).
+give the depth); the trunk's width is always read from the stem's ``conv1.weight``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def infer_model_name(state_dict) -> str:
                      f"{family or 'unknown: neither fc.weight nor fc5.weight'}, blocks per "
                      f"stage {depth}); pass the model name explicitly")
   return name
+
+
+def infer_width(state_dict) -> int:
+  """The trunk width (first-stage channels) of a state dict: ``conv1.weight``'s outputs."""
+  for key in ("conv1.weight", "module.conv1.weight"):
+    if key in state_dict:
+      return int(np.shape(state_dict[key])[0])
+  raise ValueError("cannot infer the width: the state dict has no conv1.weight")
 
 
 def save_params(path, model: nnx.Module, model_name: str) -> None:
@@ -108,6 +116,10 @@ def load_params(path, model_name: str | None = None, *, rngs: nnx.Rngs | None = 
   """Builds the backbone stored in ``path`` and loads its weights; returns (name, model)."""
   stored, state = read_params(path)
   name = model_name or stored or infer_model_name(state)
+  try:
+    create_kwargs.setdefault("width", infer_width(state))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
   model = models.create(name, rngs=rngs or nnx.Rngs(0), **create_kwargs)
   try:
     load_torch_state_dict(model, state, ignore_prefixes=OFFICIAL_HEAD_PREFIXES)

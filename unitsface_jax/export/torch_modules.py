@@ -78,13 +78,13 @@ class IRBlock(nn.Module):
 class _Trunk(nn.Module):
   """Stem and the four stages shared by both families."""
 
-  def __init__(self, block, layers: Sequence[int]):
+  def __init__(self, block, layers: Sequence[int], width: int):
     super().__init__()
-    self.conv1 = _conv(3, 64, 3, 1, 1)
-    self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-    self.prelu = nn.PReLU(64)
-    inplanes = 64
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+    self.conv1 = _conv(3, width, 3, 1, 1)
+    self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
+    self.prelu = nn.PReLU(width)
+    inplanes = width
+    for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
       stage = []
       for b in range(blocks):
         stage.append(block(inplanes, planes, 2 if b == 0 else 1))
@@ -99,11 +99,12 @@ class _Trunk(nn.Module):
 class IResNet(_Trunk):
   """insightface's IResNet: trunk -> bn2 -> flatten -> dropout -> fc -> features (BN1d)."""
 
-  def __init__(self, layers: Sequence[int], dropout: float = 0.0, num_features: int = 512):
-    super().__init__(IBasicBlock, layers)
-    self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+  def __init__(self, layers: Sequence[int], dropout: float = 0.0, num_features: int = 512,
+               width: int = 64):
+    super().__init__(IBasicBlock, layers, width)
+    self.bn2 = nn.BatchNorm2d(8 * width, eps=1e-5)
     self.dropout = nn.Dropout(p=dropout)
-    self.fc = nn.Linear(512 * 7 * 7, num_features)
+    self.fc = nn.Linear(8 * width * 7 * 7, num_features)
     self.features = nn.BatchNorm1d(num_features, eps=1e-5)
     nn.init.constant_(self.features.weight, 1.0)
     self.features.weight.requires_grad = False
@@ -116,11 +117,12 @@ class IResNet(_Trunk):
 class LResNetEIR(_Trunk):
   """The official LResNetXEIR: trunk -> bn4 -> dropout -> fc5 (7x7 conv) -> bn5 (BN1d)."""
 
-  def __init__(self, layers: Sequence[int], dropout: float = 0.4, num_features: int = 512):
-    super().__init__(IRBlock, layers)
-    self.bn4 = nn.BatchNorm2d(512)
+  def __init__(self, layers: Sequence[int], dropout: float = 0.4, num_features: int = 512,
+               width: int = 64):
+    super().__init__(IRBlock, layers, width)
+    self.bn4 = nn.BatchNorm2d(8 * width)
     self.dropout = nn.Dropout(p=dropout)
-    self.fc5 = nn.Conv2d(512, num_features, (7, 7), bias=False)
+    self.fc5 = nn.Conv2d(8 * width, num_features, (7, 7), bias=False)
     self.bn5 = nn.BatchNorm1d(num_features)
     self.bn5.weight.requires_grad = False
 
@@ -130,7 +132,8 @@ class LResNetEIR(_Trunk):
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-  """The PyTorch twin of ``unitsface_jax.models.create(name)``."""
+  """The PyTorch twin of ``unitsface_jax.models.create(name)`` (keyword arguments
+  ``dropout``, ``num_features``, ``width`` as there)."""
   if name not in _LAYERS:
     raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_LAYERS))}")
   cls = LResNetEIR if name.startswith("lresnet") else IResNet

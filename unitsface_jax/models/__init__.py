@@ -39,7 +39,8 @@ def list_models() -> list[str]:
 
 
 def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
-           dropout: float | None = None, num_features: int = 512) -> nnx.Module:
+           dropout: float | None = None, num_features: int = 512,
+           width: int = 64) -> nnx.Module:
   """Builds the backbone ``name`` (parameters float32; activations in ``dtype``).
 
   Args:
@@ -49,6 +50,9 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
     dropout: dropout rate before the embedding layer; None keeps the family's default
       (insightface 0.0, official UniTSFace 0.4).
     num_features: embedding size.
+    width: channels of the first stage (the stages have width x 1, 2, 4, 8). The published
+      models all have 64; a narrower trunk trains and runs in a fraction of the time (the
+      demo's smoke run and the tests use 16). Weight files record it in ``conv1.weight``.
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
@@ -57,7 +61,8 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
       raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dtype = DTYPES[dtype]
   kwargs = {} if dropout is None else {"dropout": dropout}
-  return _REGISTRY[name](dtype=dtype, num_features=num_features, rngs=rngs, **kwargs)
+  return _REGISTRY[name](dtype=dtype, num_features=num_features, width=int(width), rngs=rngs,
+                         **kwargs)
 
 
 __all__ = ["BatchNorm", "Frozen", "IResNet", "LResNetEIR", "PReLU", "count_params", "create",

@@ -100,18 +100,26 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, padding:
       param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
 
 
+def stage_channels(width: int) -> tuple[int, int, int, int]:
+  """Channels of the four stages of an IR trunk whose first stage has ``width``."""
+  return width, 2 * width, 4 * width, 8 * width
+
+
 class IRTrunk(nnx.Module):
   """What both IR-ResNet families share: stem conv3x3 -> BN -> PReLU, then four stages
-  (64/128/256/512 channels, the first block of each stride 2) named ``layer1`` ... ``layer4``,
-  the PyTorch names, so state-dict keys read ``layer3.13.conv2.weight``."""
+  (``width`` x 1/2/4/8 channels: 64/128/256/512 in the published models; the first block of
+  each stride 2) named ``layer1`` ... ``layer4``, the PyTorch names, so state-dict keys read
+  ``layer3.13.conv2.weight``."""
 
-  def _build_trunk(self, block, layers, *, conv_init, dtype, rngs: nnx.Rngs) -> None:
+  def _build_trunk(self, block, layers, *, width, conv_init, dtype, rngs: nnx.Rngs) -> None:
+    if width < 1:
+      raise ValueError(f"width must be a positive number of channels, got {width}")
     self.dtype = dtype
-    self.conv1 = conv(3, 64, 3, 1, 1, kernel_init=conv_init, dtype=dtype, rngs=rngs)
-    self.bn1 = BatchNorm(64)
-    self.prelu = PReLU(64)
-    inplanes = 64
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+    self.conv1 = conv(3, width, 3, 1, 1, kernel_init=conv_init, dtype=dtype, rngs=rngs)
+    self.bn1 = BatchNorm(width)
+    self.prelu = PReLU(width)
+    inplanes = width
+    for i, (planes, blocks) in enumerate(zip(stage_channels(width), layers)):
       stage = []
       for b in range(blocks):
         stage.append(block(inplanes, planes, 2 if b == 0 else 1, dtype=dtype, rngs=rngs))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitsface_jax.models.layers import BatchNorm, IRTrunk, PReLU, conv, residual
+from unitsface_jax.models.layers import BatchNorm, IRTrunk, PReLU, conv, residual, stage_channels
 
 # torch kaiming_normal_(a=1, mode='fan_in', nonlinearity='leaky_relu'): gain sqrt(2/(1+1)) = 1,
 # so std = 1/sqrt(fan_in).
@@ -55,11 +55,13 @@ class LResNetEIR(IRTrunk):
   """The official UniTSFace LResNetXEIR backbone (without its loss modules)."""
 
   def __init__(self, layers: Sequence[int], *, num_features: int = 512, dropout: float = 0.4,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self._build_trunk(IRBlock, layers, conv_init=_CONV_INIT, dtype=dtype, rngs=rngs)
-    self.bn4 = BatchNorm(512)
+               width: int = 64, dtype=jnp.float32, rngs: nnx.Rngs):
+    self._build_trunk(IRBlock, layers, width=width, conv_init=_CONV_INIT, dtype=dtype,
+                      rngs=rngs)
+    channels = stage_channels(width)[-1]
+    self.bn4 = BatchNorm(channels)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.fc5 = nnx.Conv(512, num_features, kernel_size=(7, 7), padding="VALID", use_bias=False,
+    self.fc5 = nnx.Conv(channels, num_features, kernel_size=(7, 7), padding="VALID", use_bias=False,
                         dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=_CONV_INIT,
                         rngs=rngs)
     self.bn5 = BatchNorm(num_features, frozen_scale=True)
