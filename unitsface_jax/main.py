@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags, logging
 from flax import nnx
+import jax
 from ml_collections import config_flags
 
 from unitsface_jax import config_checks, models, parallel
@@ -37,12 +38,10 @@ def main(argv) -> int:
     return 2
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  abstract = nnx.eval_shape(lambda: models.create(
-      config.model.name, rngs=nnx.Rngs(0), dtype=config.model.dtype,
-      dropout=config.model.dropout, num_features=config.model.num_features,
-      width=config.model.width))
-  logging.info("%s", models.summary(config.model.name, abstract))
   from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+  # The backbone exactly as training builds it (train.create_model), shapes only.
+  abstract = nnx.eval_shape(lambda: train.create_model(config, jax.random.key(0)))
+  logging.info("%s", models.summary(config.model.name, abstract))
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (train.NonFiniteLossError, ValueError) as e:
