@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unitsface_jax import models
-from unitsface_jax.models import BatchNorm, Frozen
+from unitsface_jax.models import BatchNorm, Frozen, layers
 
 # Published parameter counts (millions) and GMACs of insightface's IResNets.
 EXPECTED_PARAMS_M = {"iresnet18": 24.03, "iresnet34": 34.14, "iresnet50": 43.59,
@@ -175,3 +175,49 @@ def test_batchnorm_groups_normalise_each_slice_separately():
   with pytest.raises(ValueError, match="does not split into 3"):
     grouped.num_groups = 3
     grouped(x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size,path", [
+    (1, 2, 0, 14, "1x1"),      # the IResNet downsample
+    (3, 2, 1, 14, "3x3s2"),    # conv2 of a stage's first block
+    (3, 2, 1, 7, None),        # odd input: XLA's gradients
+    (2, 2, 0, 14, None),       # LResNet's 2x2 stride-2 convolution: XLA's gradients
+    (3, 1, 1, 14, None),       # stride 1: XLA's gradients
+])
+def test_strided_conv_keeps_forward_and_gradients_of_xla(kernel, stride, padding, size, path):
+  conv = layers.conv(5, 6, kernel, stride, padding, kernel_init=nnx.initializers.lecun_normal(),
+                     dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, size, size, 5))
+  assert layers.strided_gradients_rewritten()  # CPU, not opted out
+  assert conv._rewritten_path(x) == path
+  probe = jax.random.normal(jax.random.key(2), conv(x).shape)
+
+  graphdef, params = nnx.split(conv)
+
+  def ours(params, x):
+    return jnp.sum(nnx.merge(graphdef, params)(x) * probe)
+
+  def xla(kernel_value, x):
+    y = jax.lax.conv_general_dilated(x, kernel_value, (stride, stride), [(padding,) * 2] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y * probe)
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(params, x))
+  assert ("custom_vjp_call" in jaxpr) == (path is not None)
+  value, (d_params, dx) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(params, x)
+  want_value, (d_kernel, want_dx) = jax.jit(jax.value_and_grad(xla, argnums=(0, 1)))(
+      conv.kernel[...], x)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(d_params["kernel"][...], d_kernel, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_gradients_are_xla_own_when_opted_out(monkeypatch):
+  conv = layers.conv(4, 4, 1, 2, 0, kernel_init=nnx.initializers.lecun_normal(),
+                     dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 8, 8, 4))
+  assert conv._rewritten_path(x) == "1x1"
+  monkeypatch.setenv("UNITSFACE_NO_XLA_FLAGS", "1")
+  assert not layers.strided_gradients_rewritten()
+  assert conv._rewritten_path(x) is None
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(x))

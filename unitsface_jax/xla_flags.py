@@ -5,7 +5,8 @@ on the early 112x112 layers of a face ResNet; routing convolutions back to XLA's
 kernels is the largest single gain on CPU (BENCHMARKS.md, "Train step"). The flag only
 concerns the CPU backend, so it is added only when no GPU/TPU plugin is installed (or
 ``JAX_PLATFORMS`` asks for the CPU first), never replaces a flag the user already set in
-``XLA_FLAGS``, and is skipped altogether when ``UNITSFACE_NO_XLA_FLAGS=1``.
+``XLA_FLAGS``, and is skipped altogether when ``UNITSFACE_NO_XLA_FLAGS=1`` (which also keeps
+XLA's own gradients for strided convolutions: ``models.layers.Conv``).
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends, so this runs on
 ``import unitsface_jax``; import the package before the first JAX computation (importing
@@ -28,6 +29,18 @@ CPU_FLAGS: tuple[str, ...] = (
 
 # Set to 1 (or true/yes) to keep XLA_FLAGS exactly as the user left it.
 OPT_OUT_ENV = "UNITSFACE_NO_XLA_FLAGS"
+
+
+def opted_out(environ: MutableMapping[str, str] | None = None) -> bool:
+  """Whether the user asked for XLA's own CPU choices (``UNITSFACE_NO_XLA_FLAGS=1``).
+
+  Then the package neither adds :data:`CPU_FLAGS` nor rewrites the gradients of strided
+  convolutions (``models.layers.Conv``): both make XLA:CPU faster but let its reductions
+  split by the number of threads a process has, so results are no longer bitwise the same
+  across device layouts.
+  """
+  environ = os.environ if environ is None else environ
+  return environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def _accelerator_plugin_installed() -> bool:
@@ -73,7 +86,7 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> list[
     The flags added (empty when opted out, not on CPU, already initialised, or all set).
   """
   environ = os.environ if environ is None else environ
-  if environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes"):
+  if opted_out(environ):
     return []
   if not _runs_on_cpu(environ) or _backends_initialized():
     return []
