@@ -1,6 +1,6 @@
 r"""The strided-convolution gradient rewrite (``models.layers.Conv``) on and off, in one process.
 
-  python benchmarks/strided_gradients.py [--model=iresnet50] [--batch=32] [--rounds=10]
+  python benchmarks/strided_gradients.py [--model=iresnet50] [--batch=32] --rounds=10
 
 Compiles the project's real train step (``train.make_train_step``: backbone fwd+bwd, head
 with CosFace + USS, SGD) twice in this process, once with the rewrite and once with XLA's own
@@ -8,7 +8,8 @@ gradients (``UNITSFACE_NO_XLA_FLAGS=1`` while tracing; the CPU XLA flags stay as
 and alternates their steps. One process means one allocator, one thread pool and one set of
 cores for both, so the paired per-round difference is a steadier measure of a few percent
 than two worker processes compared by ``train_step.py`` on a shared VM. Ends with one JSON
-line (medians, the paired difference, in how many rounds the rewrite was faster).
+line (medians, the paired difference, in how many rounds the rewrite was faster). The step
+and its flags are ``train_step.py``'s (``compile_step``, ``config_from_flags``).
 """
 
 from __future__ import annotations
@@ -19,54 +20,32 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import unitsface_jax  # noqa: E402,F401  pylint: disable=unused-import  (CPU XLA flags)
+# train_step imports the package (its CPU XLA flags) and defines the flags used here:
+# --model, --batch, --width, --classes, --rounds (and others this script ignores).
+import train_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from unitsface_jax import xla_flags  # noqa: E402
+from unitsface_jax import models, xla_flags  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
-_WIDTH = flags.DEFINE_integer("width", 64, "Trunk width (64: the published models).")
-_CLASSES = flags.DEFINE_integer("classes", 10_572, "Head classes.")
-_ROUNDS = flags.DEFINE_integer("rounds", 10, "Alternating timed steps of each variant.")
+_ROUNDS = flags.FLAGS["rounds"]
 
 
 def _build(opt_out: bool):
   """(run one step, FLOPs of the step) with the rewrite on (opt_out False) or off."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from unitsface_jax import models, optim, parallel, train  # pylint: disable=g-import-not-at-top
-
-  config = default.get_config()
-  config.model.name = _MODEL.value
-  config.model.dropout = 0.0
-  config.model.width = _WIDTH.value
-  config.data.num_classes = _CLASSES.value
-  config.batch_size = _BATCH.value
-  mesh = parallel.mesh_from_config(config)
-  tx = optim.sgd(config, 1000)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)
-  labels = rng.integers(0, config.data.num_classes, config.batch_size).astype(np.int32)
-  images, labels = parallel.global_batch((images, labels), mesh)
   previous = os.environ.get(xla_flags.OPT_OUT_ENV)
   os.environ[xla_flags.OPT_OUT_ENV] = "1" if opt_out else "0"
   try:
     assert models.layers.strided_gradients_rewritten() == (not opt_out)
-    graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-    state["step"] = jax.device_put(np.int32(1000), state["step"].sharding)  # USS active
-    step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, 1000)
-    compiled = step_fn.lower(state, images, labels).compile()  # traced here
+    compiled, state, images, labels, cost = train_step.compile_step(
+        train_step.config_from_flags())
   finally:
     if previous is None:
       os.environ.pop(xla_flags.OPT_OUT_ENV)
     else:
       os.environ[xla_flags.OPT_OUT_ENV] = previous
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   holder = {"state": state}
 
   def run():
@@ -93,7 +72,7 @@ def main(argv):
   ours, theirs = times["rewrite"], times["xla"]
   paired = [a - b for a, b in zip(ours, theirs)]
   result = {
-      "model": _MODEL.value, "width": _WIDTH.value, "batch": _BATCH.value,
+      "model": flags.FLAGS.model, "width": flags.FLAGS.width, "batch": flags.FLAGS.batch,
       "rounds": _ROUNDS.value,
       "seconds_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
       "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
@@ -106,7 +85,7 @@ def main(argv):
   }
   for name, values in times.items():
     print(f"{name:>8}: median {statistics.median(values):.3f} s/step "
-          f"({_BATCH.value / statistics.median(values):.3f} img/s)")
+          f"({flags.FLAGS.batch / statistics.median(values):.3f} img/s)")
   print(f"rewrite faster in {result['rewrite_faster_rounds']} of {_ROUNDS.value} rounds; "
         f"speedup {result['speedup_median']}")
   print(json.dumps(result))

@@ -47,6 +47,7 @@ _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _CLASSES = flags.DEFINE_integer("classes", 10_572, "Head classes (CASIA-WebFace).")
+_WIDTH = flags.DEFINE_integer("width", 64, "IR trunk width (64: the published models).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices (0: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Timed rounds (median reported).")
 _STEPS = flags.DEFINE_integer(
@@ -58,26 +59,32 @@ _JAX = flags.DEFINE_multi_string(
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker 'jax' or 'torch'.")
 
 
-def _config():
+def config_from_flags():
+  """The default training config with this script's model, dtype, width, classes, batch."""
   from configs import default
   config = default.get_config()
   config.model.name = _MODEL.value
   config.model.dtype = _DTYPE.value
   config.model.dropout = 0.0
+  config.model.width = _WIDTH.value
   config.data.num_classes = _CLASSES.value
   config.batch_size = _BATCH.value
   config.num_devices = _DEVICES.value
   return config
 
 
-def build_jax():
-  """(run_once, info, matmul_rate) for the project's train step."""
+def compile_step(config):
+  """The project's train step for ``config``, AOT-compiled on synthetic uint8 inputs.
+
+  Returns ``(compiled, state, images, labels, cost)``: the state starts in epoch 1 (step
+  1000 of 1000 per epoch) so CosFace + USS are both active, as in most of a run; ``cost`` is
+  the executable's cost analysis. Traced here, so environment that steers tracing (e.g.
+  ``UNITSFACE_NO_XLA_FLAGS``) applies as set during this call.
+  """
   import jax
   import numpy as np
-  from unitsface_jax import models, optim, parallel, train
-  from flax import nnx
+  from unitsface_jax import optim, parallel, train
 
-  config = _config()
   mesh = parallel.mesh_from_config(config)
   steps_per_epoch = 1000
   tx = optim.sgd(config, steps_per_epoch)
@@ -92,7 +99,17 @@ def build_jax():
   images, labels = parallel.global_batch((images, labels), mesh)
   compiled = step_fn.lower(state, images, labels).compile()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  return compiled, state, images, labels, cost[0] if isinstance(cost, list) else cost
+
+
+def build_jax():
+  """(run_once, info, matmul_rate) for the project's train step."""
+  import jax
+  from unitsface_jax import models, train
+  from flax import nnx
+
+  config = config_from_flags()
+  compiled, state, images, labels, cost = compile_step(config)
   macs = models.macs_per_image(nnx.eval_shape(lambda: train.create_model(
       config, jax.random.key(0))))
   holder = {"state": state}
@@ -129,7 +146,7 @@ def build_torch():
   torch.backends.cudnn.benchmark = True
   batch, classes = _BATCH.value, _CLASSES.value
   torch.manual_seed(0)
-  net = torch_modules.get_model(_MODEL.value, dropout=0.0).to(device).to(
+  net = torch_modules.get_model(_MODEL.value, dropout=0.0, width=_WIDTH.value).to(device).to(
       memory_format=torch.channels_last)
   net.train()
   weight = torch.nn.Parameter(torch.randn(classes, 512, device=device) * 0.01)
@@ -173,7 +190,8 @@ def main(argv):
   result.update(alternate.compare(
       os.path.abspath(__file__),
       [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}",
-       f"--classes={_CLASSES.value}", f"--devices={_DEVICES.value}", f"--steps={_STEPS.value}"],
+       f"--classes={_CLASSES.value}", f"--width={_WIDTH.value}", f"--devices={_DEVICES.value}",
+       f"--steps={_STEPS.value}"],
       _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value * _STEPS.value,
       "step" if _STEPS.value == 1 else f"{_STEPS.value}_steps",
       _USER_ENV))

@@ -110,9 +110,10 @@ class Conv(nnx.Conv):
   XLA computes the input gradient of a strided convolution as a convolution over the output
   gradient dilated with zeros, which XLA:CPU runs at a third of its rate for stride 1, and
   the weight gradient of a 1x1 strided convolution as a convolution too (BENCHMARKS.md,
-  "Train step": +8% images/s for the whole iresnet50 step on a Zen 3 CPU). When
-  :func:`strided_gradients_rewritten`, the two strided convolutions of insightface's IResNet
-  keep their parameters and their forward result and get other gradients:
+  "strided-convolution gradients reinstated": +4-8% for the whole iresnet50 step on a Zen 3
+  CPU). When :func:`strided_gradients_rewritten`, the two strided convolutions of
+  insightface's IResNet keep their parameters and their forward result and get other
+  gradients:
 
   - 1x1, stride s, no padding (the downsample): subsample, then a matmul over channels, so
     the input gradient is a matmul and a pad, and the weight gradient one 2-D
