@@ -300,13 +300,13 @@ def test_init_threshold_bias_without_negatives_is_zero():
   assert float(losses.init_threshold_bias(cos, jnp.array([0]), valid=jnp.array([True, False]))) == 0.0
 
 
-def test_threshold_bias_for_step_uses_init_once_and_keeps_gradient():
+def test_threshold_bias_for_step_uses_init_on_first_use_only_and_keeps_gradient():
   init = jnp.float32(31.0)
-  f = jax.jit(lambda b, done: losses.threshold_bias_for_step(b, done, init))
-  assert float(f(jnp.float32(0.0), jnp.bool_(False))) == 31.0
-  assert float(f(jnp.float32(5.0), jnp.bool_(True))) == 5.0
-  for done in (False, True):
-    g = jax.grad(lambda b: 3.0 * f(b, jnp.bool_(done)))(jnp.float32(2.0))
+  f = jax.jit(lambda b, first: losses.threshold_bias_for_step(b, init, first_use=first))
+  assert float(f(jnp.float32(0.0), jnp.bool_(True))) == 31.0
+  assert float(f(jnp.float32(5.0), jnp.bool_(False))) == 5.0
+  for first in (False, True):
+    g = jax.grad(lambda b: 3.0 * f(b, jnp.bool_(first)))(jnp.float32(2.0))
     assert float(g) == 3.0
 
 

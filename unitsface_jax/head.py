@@ -166,97 +166,131 @@ def _pick_classes(key, offset, local_labels, real, num_sampled_classes):
   return jnp.sort(jax.lax.top_k(score, num_sampled_classes)[1])
 
 
-def _s2s_term(config, cos_m, target, valid, bias, class_bias, picked, s2s_active,
-              initialized, class_max, class_sum):
-  """The sample-to-sample loss [B] with the first-use bias logic.
+# The class-axis reductions of the loss family: every device holds a block of classes, so a
+# sum or max over classes is a local one followed by one over the devices.
+_class_sum = functools.partial(jax.lax.psum, axis_name=DEVICE_AXIS)
+_class_max = functools.partial(jax.lax.pmax, axis_name=DEVICE_AXIS)
+
+
+class _Columns(NamedTuple):
+  """The local classes a device scores this step, against the global batch.
+
+  Attributes:
+    picked: [k] local row indices (all rows, or PartialFC's sample).
+    target: [B, k] bool, column j is sample i's class.
+    real: [k] bool, the row is a class (not padding).
+  """
+  picked: jax.Array
+  target: jax.Array
+  real: jax.Array
+
+
+def _s2s_term(config: HeadConfig, cos_m: jax.Array, cols: _Columns, valid: jax.Array,
+              params: HeadParams, initialized: jax.Array, active: jax.Array):
+  """The sample-to-sample loss [B], with b's (or the class biases') data-dependent first value.
+
+  Args:
+    config: what to compute.
+    cos_m: [B, k] cosines between the global batch and the memory rows ``cols.picked``.
+    cols: the columns scored.
+    valid: [B, k] bool, memory rows that hold a feature and are real classes.
+    params: the head parameters before this step (b, class biases).
+    initialized: whether b already took its first value.
+    active: whether the sample-to-sample term is in use this step.
 
   Returns:
-    (loss [B], b to store, class biases to store, whether b is initialised after this step).
+    (loss [B], params with b / class biases as this step uses them, initialized after it).
   """
-  ready = s2s_active
   first_use = jnp.zeros((), jnp.bool_)
+  ready = active
   if config.s2s_loss in ("uss", "s2s_bce"):
     # b takes its first value on the first active step whose batch has a valid negative:
     # an empty memory gives no value (head.py instead re-initialises while b <= 0).
     negative_lse = sample_to_sample.negative_logsumexp(
-        cos_m, target, valid, scale=config.s2s_scale, class_max=class_max,
-        class_sum=class_sum)
+        cos_m, cols.target, valid, scale=config.s2s_scale, class_max=_class_max,
+        class_sum=_class_sum)
     init = sample_to_sample.mean_finite(negative_lse)
-    ready = s2s_active & jnp.any(jnp.isfinite(negative_lse))
+    ready = active & jnp.any(jnp.isfinite(negative_lse))
     first_use = ready & ~initialized
-  new_initialized = initialized | ready
+  initialized = initialized | ready
   if config.s2s_loss == "uss":
-    bias = sample_to_sample.threshold_bias_for_step(bias, ~first_use, init)
+    bias = sample_to_sample.threshold_bias_for_step(params.bias, init, first_use=first_use)
     pos, neg = sample_to_sample.uss_parts(
-        cos_m, target, valid, bias, scale=config.s2s_scale, margin=config.s2s_margin,
-        form=config.uss_form, class_max=class_max, class_sum=class_sum)
-    return pos + neg, bias, class_bias, new_initialized
+        cos_m, cols.target, valid, bias, scale=config.s2s_scale, margin=config.s2s_margin,
+        form=config.uss_form, class_max=_class_max, class_sum=_class_sum)
+    return pos + neg, params._replace(bias=bias), initialized
   if config.s2s_loss == "s2s_bce":
     # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
-    class_bias = class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
+    class_bias = params.class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
     pos, neg = class_axis.threshold_bce(
-        cos_m, target, valid, class_bias[picked], scale=config.s2s_scale,
-        margin=config.s2s_margin, class_sum=class_sum)
-    return pos + neg, bias, class_bias, new_initialized
+        cos_m, cols.target, valid, class_bias[cols.picked], scale=config.s2s_scale,
+        margin=config.s2s_margin, class_sum=_class_sum)
+    return pos + neg, params._replace(class_bias=class_bias), initialized
   if config.s2s_loss == "s2s_softmax":
-    logits = config.s2s_scale * (cos_m - config.s2s_margin * target)
-    loss = class_axis.softmax_cross_entropy(logits, target, valid, class_max=class_max,
-                                            class_sum=class_sum)
-    return loss, bias, class_bias, new_initialized
+    logits = config.s2s_scale * (cos_m - config.s2s_margin * cols.target)
+    loss = class_axis.softmax_cross_entropy(logits, cols.target, valid, class_max=_class_max,
+                                            class_sum=_class_sum)
+    return loss, params, initialized
   if config.s2s_loss == "none":
-    return jnp.zeros(cos_m.shape[:1], cos_m.dtype), bias, class_bias, new_initialized
+    return jnp.zeros(cos_m.shape[:1], cos_m.dtype), params, initialized
   raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
 
 
-def _local_head(config: HeadConfig, num_sampled_classes: int, w, bias, class_bias, memory,
-                seen, initialized, embeddings, labels, key, s2s_active):
-  """One device's share of the head step (runs inside ``jax.shard_map``)."""
-  class_sum = functools.partial(jax.lax.psum, axis_name=DEVICE_AXIS)
-  class_max = functools.partial(jax.lax.pmax, axis_name=DEVICE_AXIS)
+def _s2c_logits(config: HeadConfig, cos_w: jax.Array, target: jax.Array) -> jax.Array:
+  """Margin logits of the sample-to-class loss [B, k]."""
+  if config.s2c_loss == "cosface":
+    return config.s2c_scale * (cos_w - config.s2c_margin * target)
+  if config.s2c_loss == "arcface":
+    return sample_to_class.arcface_logits(
+        cos_w, target, scale=config.s2c_scale, margin=config.s2c_margin,
+        straight_through=config.arcface_straight_through)
+  raise ValueError(f"unknown s2c_loss {config.s2c_loss!r}")
+
+
+def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array,
+                s2s_active: jax.Array, *, config: HeadConfig, num_sampled_classes: int
+                ) -> tuple[dict[str, jax.Array], HeadState]:
+  """One device's share of ``head_loss`` (runs inside ``jax.shard_map``): its rows of the
+  head state, its slice of the batch; returns the replicated loss terms and its rows of the
+  new state."""
+  params, buffers = state
   # Every device sees the whole global batch; the transpose (psum_scatter) brings each
   # device's share of the embedding gradient back to the device that owns the sample.
   features = jax.lax.all_gather(embeddings, DEVICE_AXIS, tiled=True)
   labels = jax.lax.all_gather(labels, DEVICE_AXIS, tiled=True)
   features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
 
-  local = w.shape[0]
+  local = params.w.shape[0]
   offset = jax.lax.axis_index(DEVICE_AXIS) * local
   local_labels = labels - offset
   local_labels = jnp.where((local_labels >= 0) & (local_labels < local), local_labels, -1)
   real = offset + jnp.arange(local) < config.num_classes
   picked = _pick_classes(key, offset, local_labels, real, num_sampled_classes)
-  # Rows not picked are not read, so they get no gradient.
-  w_sel = w[picked]
-  m_sel = jax.lax.stop_gradient(memory[picked])
-  sel_real = real[picked]
-  target = local_labels[:, None] == picked[None, :]
-  shape = (labels.shape[0], picked.shape[0])
+  cols = _Columns(picked=picked, target=local_labels[:, None] == picked[None, :],
+                  real=real[picked])
+  shape = cols.target.shape
 
-  cos_w = losses.cosine_similarity(features, w_sel, precision=config.matmul_precision)
-  if config.s2c_loss == "cosface":
-    logits = config.s2c_scale * (cos_w - config.s2c_margin * target)
-  elif config.s2c_loss == "arcface":
-    logits = sample_to_class.arcface_logits(
-        cos_w, target, scale=config.s2c_scale, margin=config.s2c_margin,
-        straight_through=config.arcface_straight_through)
-  else:
-    raise ValueError(f"unknown s2c_loss {config.s2c_loss!r}")
-  s2c = class_axis.softmax_cross_entropy(logits, target, jnp.broadcast_to(sel_real, shape),
-                                         class_max=class_max, class_sum=class_sum)
+  # Rows not picked are not read, so they get no gradient.
+  cos_w = losses.cosine_similarity(features, params.w[picked],
+                                   precision=config.matmul_precision)
+  s2c = class_axis.softmax_cross_entropy(
+      _s2c_logits(config, cos_w, cols.target), cols.target,
+      jnp.broadcast_to(cols.real, shape), class_max=_class_max, class_sum=_class_sum)
 
   # Sample-to-sample term against the memory as it was before this step's write.
-  cos_m = losses.cosine_similarity(features, m_sel, precision=config.matmul_precision)
-  valid = jnp.broadcast_to(seen[picked] & sel_real, shape)
-  s2s, new_bias, new_class_bias, new_initialized = _s2s_term(
-      config, cos_m, target, valid, bias, class_bias, picked, s2s_active, initialized,
-      class_max, class_sum)
+  cos_m = losses.cosine_similarity(features, jax.lax.stop_gradient(buffers.memory[picked]),
+                                   precision=config.matmul_precision)
+  valid = jnp.broadcast_to(buffers.seen[picked] & cols.real, shape)
+  s2s, params, initialized = _s2s_term(config, cos_m, cols, valid, params,
+                                       buffers.initialized, s2s_active)
 
   # Memory write to the rows this device owns; last occurrence in the GLOBAL batch wins
   # because every device sees the same gathered batch in the same order.
-  new_memory, new_seen = losses.write_memory(memory, seen, features, local_labels)
-  sampled = jnp.where(sel_real, offset + picked, -1)
-  return (s2c, s2s, sampled, new_bias, new_class_bias, new_memory, new_seen,
-          new_initialized)
+  memory, seen = losses.write_memory(buffers.memory, buffers.seen, features, local_labels)
+  terms = {"s2c": s2c, "s2s": s2s,
+           "sampled_classes": jnp.where(cols.real, offset + picked, -1)}
+  return terms, HeadState(params, HeadBuffers(memory=memory, seen=seen,
+                                              initialized=initialized))
 
 
 def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
@@ -295,15 +329,9 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
     if k < num_local_classes(config, num_shards):
       raise ValueError("PartialFC sampling (sample_rate < 1) needs a PRNG key")
     key = jax.random.key(0)
-  params, buffers = state
-  rows = P(DEVICE_AXIS)
+  rows, specs = P(DEVICE_AXIS), head_specs()
+  terms_specs = {"s2c": P(), "s2s": P(), "sampled_classes": rows}
   fn = jax.shard_map(
-      functools.partial(_local_head, config, k), mesh=mesh,
-      in_specs=(rows, P(), rows, rows, rows, P(), rows, rows, P(), P()),
-      out_specs=(P(), P(), rows, P(), rows, rows, rows, P()))
-  (s2c, s2s, sampled, bias, class_bias, memory, seen, initialized) = fn(
-      params.w, params.bias, params.class_bias, buffers.memory, buffers.seen,
-      buffers.initialized, embeddings, labels, key, jnp.asarray(s2s_active, jnp.bool_))
-  new_state = HeadState(HeadParams(w=params.w, bias=bias, class_bias=class_bias),
-                        HeadBuffers(memory=memory, seen=seen, initialized=initialized))
-  return {"s2c": s2c, "s2s": s2s, "sampled_classes": sampled}, new_state
+      functools.partial(_local_head, config=config, num_sampled_classes=k), mesh=mesh,
+      in_specs=(specs, rows, rows, P(), P()), out_specs=(terms_specs, specs))
+  return fn(state, embeddings, labels, key, jnp.asarray(s2s_active, jnp.bool_))

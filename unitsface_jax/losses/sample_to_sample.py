@@ -150,14 +150,14 @@ def init_threshold_bias(cos: jax.Array, labels: jax.Array, *, scale: float = 64.
   return jax.lax.stop_gradient(mean_finite(lse))
 
 
-def threshold_bias_for_step(bias: jax.Array, initialized: jax.Array,
-                            init_value: jax.Array) -> jax.Array:
-  """b to use in this step: ``init_value`` before the first USS step, else ``bias``.
+def threshold_bias_for_step(bias: jax.Array, init_value: jax.Array, *,
+                            first_use: jax.Array) -> jax.Array:
+  """b to use in this step: ``init_value`` on b's first use, ``bias`` on every other step.
 
-  A ``jnp.where`` on the state's ``initialized`` flag, so it runs under ``jax.jit`` with no
+  A ``jnp.where`` on ``first_use`` (a traced bool), so it runs under ``jax.jit`` with no
   Python side effect. The gradient always flows to ``bias`` (identity), as in the official
   code, where the overwritten ``bias.data`` receives this step's gradient; the caller stores
   the returned value as the new b and then applies the optimizer update to it.
   """
-  offset = jnp.where(initialized, 0.0, init_value - bias)
+  offset = jnp.where(first_use, init_value - bias, 0.0)
   return bias + jax.lax.stop_gradient(offset)
