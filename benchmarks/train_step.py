@@ -105,13 +105,13 @@ def compile_step(config):
 def build_jax():
   """(run_once, info, matmul_rate) for the project's train step."""
   import jax
-  from unitsface_jax import models, train
+  from unitsface_jax import models
   from flax import nnx
 
   config = config_from_flags()
   compiled, state, images, labels, cost = compile_step(config)
-  macs = models.macs_per_image(nnx.eval_shape(lambda: train.create_model(
-      config, jax.random.key(0))))
+  macs = models.macs_per_image(nnx.eval_shape(lambda: models.from_config(
+      config.model, jax.random.key(0))))
   holder = {"state": state}
 
   def run_once():

@@ -6,10 +6,12 @@ SGD 0.1 / 0.9 / 5e-4, lr x0.1 at epochs 16 and 24 of 28, batch 512, global-norm 
 
 from configs import default
 
+VARIANTS = ("runlocal",)
+
 
 def get_config(arg=None):
   """CASIA-WebFace recipe; variants: runlocal."""
-  variants = set((arg or "").split(",")) - {""}
+  variants = default.variants(arg, known=VARIANTS)
   config = default.get_config()
   config.data.path = "/data/casia-webface"  # insightface faces_webface_112x112 (train.rec/.idx)
   if "runlocal" in variants:

@@ -1,15 +1,30 @@
 """Fields every recipe has, with the official UniTSFace CASIA-WebFace values as defaults.
 
 Recipes import this and override (flax examples style). ``get_config(arg)`` takes a comma list
-of variants; ``runlocal`` shrinks anything to a laptop-sized run.
+of variants (``--config=configs/x.py:runlocal``), read with :func:`variants`.
 """
 
 import ml_collections
 
+VARIANTS = ()
+
+
+def variants(arg, known) -> set[str]:
+  """The comma-separated variant names in ``arg`` (the part after ``:`` on the command line).
+
+  Raises ValueError naming any name not in ``known``, so a misspelt variant cannot silently
+  run the full recipe.
+  """
+  names = set((arg or "").split(",")) - {""}
+  unknown = sorted(names - set(known))
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {unknown}; this recipe has {sorted(known)}")
+  return names
+
 
 def get_config(arg=None):
-  """The base config (see module docstring)."""
-  del arg
+  """The base config (see module docstring); no variants."""
+  variants(arg, known=VARIANTS)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_devices = 0  # 0: every device of every process
@@ -23,10 +38,12 @@ def get_config(arg=None):
   config.model.bn_stats = "global"  # global (sync over the global batch) | per_device
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "recordio"  # recordio | tfds | folder | synthetic | demo | auto
+  config.data.source = "recordio"  # recordio | tfds | folder | synthetic | auto
   config.data.path = ""
   config.data.num_classes = 10_572
-  config.data.num_images = 490_623  # for epoch-based schedules when the source cannot tell
+  # Examples of the synthetic source (data.source = "synthetic"): recipes set their data
+  # set's size, so a synthetic run of a recipe has that recipe's epoch length.
+  config.data.num_images = 490_623
   config.data.skip_bad_records = False
   config.data.max_examples = 0  # > 0: train on the first N examples only (smoke runs)
   config.data.num_workers = 2
@@ -35,7 +52,7 @@ def get_config(arg=None):
   config.data.read_threads = 1
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.s2c = "cosface"  # cosface | arcface | normalized_bce | uce
+  config.loss.s2c = "cosface"  # cosface | arcface
   config.loss.s2c_scale = 64.0
   config.loss.s2c_margin = 0.4
   config.loss.s2s = "uss"  # uss | s2s_softmax | s2s_bce | none
@@ -73,5 +90,6 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict()
   config.eval.bins = ()  # insightface .bin verification sets
   config.eval.every_steps = 2000  # 0 disables
+  config.eval.before_training = False  # also evaluate the initial weights (a fresh run only)
   config.eval.batch_size = 64
   return config

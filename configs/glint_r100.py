@@ -2,10 +2,12 @@
 
 from configs import default
 
+VARIANTS = ("runlocal",)
+
 
 def get_config(arg=None):
   """Glint360K recipe; variants: runlocal (float32, batch 16)."""
-  variants = set((arg or "").split(",")) - {""}
+  variants = default.variants(arg, known=VARIANTS)
   config = default.get_config()
   config.model.name = "iresnet100"
   config.model.dropout = 0.0

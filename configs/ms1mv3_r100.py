@@ -3,6 +3,8 @@ epochs, batch 1024) on MS1MV3's 93,431 identities."""
 
 from configs import glint_r100
 
+VARIANTS = glint_r100.VARIANTS
+
 
 def get_config(arg=None):
   """MS1MV3 recipe; variants as glint_r100 (runlocal, ...)."""

@@ -45,3 +45,31 @@ def test_keeps_only_the_latest_k(tmp_path):
   ckpt.wait()
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [2, 3]
+
+
+def test_a_checkpoint_written_by_commit_1e53a79_resumes_to_the_same_losses(data_dir, tmp_path):
+  """The layout and the meaning of every saved array are stable: the step-12 checkpoint of
+  an older version of the package (tests/data/checkpoint_v0/README.md) resumes, and steps
+  13-16 give the losses, threshold and gradient norms that version logged without a break."""
+  import json
+  import shutil
+
+  from unitsface_jax import train
+
+  fixture = data_dir / "checkpoint_v0"
+  shutil.copytree(fixture / "checkpoints", tmp_path / "checkpoints")
+  config = demo.get_config("smoke")
+  config.model.width = 4
+  config.model.num_features = 32
+  config.compilation_cache = False
+  train.train_and_evaluate(config, tmp_path)
+
+  want = [json.loads(line) for line in (fixture / "metrics_after_12.jsonl").read_text().splitlines()]
+  got = {row["step"]: row for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                         .splitlines())}
+  assert sorted(got) == [13, 14, 15, 16]  # resumed at 12, not from scratch
+  for row in want:
+    assert got[row["step"]]["data_fingerprint"] == row["data_fingerprint"]
+    for name in ("loss", "s2c", "s2s", "threshold_t", "grad_norm"):
+      np.testing.assert_allclose(got[row["step"]][name], row[name], rtol=2e-4,
+                                 err_msg=f"step {row['step']} {name}")

@@ -14,10 +14,17 @@ RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "_
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_validates(recipe):
+def test_every_recipe_and_variant_validates(recipe):
   module = importlib.import_module(f"configs.{recipe}")
-  for arg in (None, "runlocal", "smoke"):
+  for arg in (None, *module.VARIANTS, ",".join(module.VARIANTS)):
     config_checks.validate(module.get_config(arg))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_an_unknown_variant_is_refused_by_name(recipe):
+  module = importlib.import_module(f"configs.{recipe}")
+  with pytest.raises(ValueError, match="runlcoal"):
+    module.get_config("runlcoal")
 
 
 def test_official_casia_recipe_values():
@@ -36,6 +43,9 @@ def test_official_casia_recipe_values():
     ("batch_size", 0, "config.batch_size = 0"),
     ("model.width", 0, "config.model.width = 0: must be a positive"),
     ("schedule.decay_epochs", (24, 16), "config.schedule.decay_epochs"),
+    # Loss functions that exist but that the class-sharded head does not run.
+    ("loss.s2c", "normalized_bce", "config.loss.s2c = 'normalized_bce': must be one of"),
+    ("loss.s2c", "uce", "config.loss.s2c = 'uce'"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   from configs import demo
@@ -56,6 +66,7 @@ def run_main(*args):
     ("--config.model.nme=x", "nme"),
     ("--config.batch_size=abc", "config.batch_size"),
     ("--config.optimizer.lr=-1.0", "config.optimizer.lr"),
+    ("--config.loss.s2c=uce", "config.loss.s2c"),
 ])
 def test_main_refuses_unknown_ill_typed_and_bad_fields(tmp_path, override, needle):
   proc = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", override)

@@ -479,13 +479,14 @@ def test_write_memory_stops_gradient():
   np.testing.assert_array_equal(g, 0.0)
 
 
-def test_objective_switches_on_sample_to_sample_term_at_start_epoch():
+def test_objective_counts_the_sample_to_sample_term_only_when_active():
   s2c = jnp.array([1.0, 3.0])
   s2s = jnp.array([10.0, 30.0])
-  f = jax.jit(functools.partial(losses.unitsface_objective, s2c_weight=0.5, s2s_weight=2.0,
-                                s2s_start_epoch=1))
-  assert float(f(s2c, s2s, 0)) == 1.0
-  assert float(f(s2c, s2s, 1)) == 1.0 + 40.0
-  assert float(f(s2c, s2s, jnp.int32(5))) == 41.0
-  g = jax.grad(lambda x: f(s2c, x, 0))(s2s)
+  f = jax.jit(functools.partial(losses.unitsface_objective, s2c_weight=0.5, s2s_weight=2.0))
+  assert float(f(s2c, s2s, False)) == 1.0
+  assert float(f(s2c, s2s, True)) == 1.0 + 40.0
+  assert float(f(s2c, s2s, jnp.bool_(True))) == 41.0
+  g = jax.grad(lambda x: f(s2c, x, jnp.bool_(False)))(s2s)
   np.testing.assert_array_equal(g, 0.0)
+  g = jax.grad(lambda x: f(s2c, x, jnp.bool_(True)))(s2s)
+  np.testing.assert_array_equal(g, 1.0)

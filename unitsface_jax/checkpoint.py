@@ -1,10 +1,13 @@
 """Checkpoints that lose nothing: WORKDIR/checkpoints/<step>/ with the train state, the data
-iterator and the config, saved asynchronously by orbax's CheckpointManager.
+iterator and the config, saved asynchronously by orbax's CheckpointManager; and the readers of
+a saved run (``restore_state`` onto any mesh, ``backbone_from_workdir`` for export and
+evaluation).
 
 Items per step:
   state   every array of the run (backbone params, BN statistics, frozen scales, head W, M,
-          seen, b, initialized, optimiser state, step; the epoch follows from the step), restored with the caller's
-          target shardings so a run resumes on another device count;
+          seen, b, initialized, optimiser state, step; the epoch follows from the step),
+          restored with the caller's target shardings so a run resumes on another device
+          count;
   data    the grain iterator state (one file per process), so a resumed run sees the same
           batches it would have seen;
   config  the run's config as JSON, for the export CLI and for humans.
@@ -17,9 +20,14 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+
+from unitsface_jax import models
+from unitsface_jax.parallel import DEVICE_AXIS
 
 
 def _save_without_replica_slices() -> None:
@@ -128,3 +136,76 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def _row_split(sharding: Any) -> bool:
+  """Whether an array with this sharding is split by rows over the mesh: the class-sharded
+  head state (``head.head_specs``: W, M, seen, class biases) and the optimiser state that
+  mirrors it. Only these are padded to a multiple of the device count."""
+  spec = getattr(sharding, "spec", None)
+  return bool(spec) and spec[0] == DEVICE_AXIS
+
+
+def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.Mesh, *,
+                  data_iterator=None) -> Any:
+  """Restores the train state saved at ``step`` onto ``mesh``, whatever mesh saved it.
+
+  ``state`` is this run's freshly built state: its shapes, dtypes and shardings are the
+  target. The class-sharded arrays hold C padded to a multiple of the device count; when the
+  saving run had another count they are read whole and re-padded with zero rows (or their
+  padding rows cut) to this run's size. Any other difference in shape, or a missing array,
+  is an error naming the array: the checkpoint belongs to another model or config.
+  """
+  target = abstract_like(state)
+  saved = ckpt.saved_shapes(step)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  read = []
+  for path, t in flat:
+    name = jax.tree_util.keystr(path)
+    shape = saved.get(path_names(path))
+    if shape is None:
+      raise ValueError(f"checkpoint {step} in {ckpt.directory} has no array {name}: it was "
+                       "written by another model/config")
+    if shape != t.shape:
+      if not _row_split(t.sharding) or shape[1:] != t.shape[1:]:
+        raise ValueError(f"checkpoint {step} in {ckpt.directory}: {name} has shape {shape}, "
+                         f"this run expects {t.shape}")
+      t = jax.ShapeDtypeStruct(shape, t.dtype, sharding=replicated)
+    read.append(t)
+  restored = ckpt.restore(step, jax.tree_util.tree_unflatten(treedef, read),
+                          data_iterator=data_iterator)
+
+  def fit(x, t):
+    if x.shape == t.shape:
+      return x
+    rows = t.shape[0]
+    x = x[:rows] if x.shape[0] >= rows else jnp.pad(
+        x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return jax.device_put(x, t.sharding)
+
+  return jax.tree.map(fit, restored, target)
+
+
+def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Module]:
+  """(model name, backbone in eval mode) from a run's checkpoint (default: the latest)."""
+  ckpt = Checkpoints(workdir, every_steps=1, keep=1, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    model = models.from_config(config.model, jax.random.key(0))
+    saved = ckpt.restore_arrays(step)
+  finally:
+    ckpt.close()
+  flat = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  for prefix, selector in ((("params", "backbone"), nnx.Param),
+                           (("model_state",), models.MODEL_STATE)):
+    for path, var in nnx.to_flat_state(nnx.state(model, selector)):
+      key = prefix + tuple(str(p) for p in path) + ("value",)
+      if key not in flat:
+        raise ValueError(f"checkpoint {step} in {workdir} has no {'/'.join(key)}")
+      var[...] = jnp.asarray(flat[key])
+  model.eval()
+  return config.model.name, model

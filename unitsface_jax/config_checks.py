@@ -11,10 +11,12 @@ import ml_collections
 
 from unitsface_jax import models
 
-S2C_LOSSES = ("cosface", "arcface", "normalized_bce", "uce")
+# The sample-to-class losses the class-sharded head computes. (``losses.normalized_bce`` and
+# ``losses.uce`` exist as functions but the head does not run them.)
+S2C_LOSSES = ("cosface", "arcface")
 S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
 SCHEDULES = ("multistep", "polynomial")
-SOURCES = ("recordio", "tfds", "folder", "synthetic", "demo", "auto")
+SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
 BN_STATS = ("global", "per_device")
 HEAD_DTYPES = ("float32", "bfloat16")
 

@@ -162,9 +162,9 @@ def main(argv):
   apply_fn = None
   if FLAGS.protocol != "megaface" and not FLAGS.features:
     if FLAGS.workdir:
-      from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+      from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
       try:
-        _, model = train.backbone_from_workdir(FLAGS.workdir)
+        _, model = checkpoint.backbone_from_workdir(FLAGS.workdir)
       except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
       apply_fn = extract.nnx_apply_fn(model)

@@ -39,8 +39,8 @@ def main(argv) -> int:
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from unitsface_jax import train  # pylint: disable=g-import-not-at-top
-  # The backbone exactly as training builds it (train.create_model), shapes only.
-  abstract = nnx.eval_shape(lambda: train.create_model(config, jax.random.key(0)))
+  # The backbone exactly as training builds it, shapes only.
+  abstract = nnx.eval_shape(lambda: models.from_config(config.model, jax.random.key(0)))
   logging.info("%s", models.summary(config.model.name, abstract))
   try:
     train.train_and_evaluate(config, _WORKDIR.value)

@@ -2,7 +2,7 @@
 
 One mesh axis, ``DEVICE_AXIS``, spans every device of every process: the backbone is
 data-parallel over it (the batch is split on it) and the head's class centres and memory bank
-are split on it by rows (classes), as PartialFC does (DESIGN.md, "Decisions already taken").
+are split on it by rows (classes), as PartialFC does (docs/design.md, "The head").
 """
 
 import math
@@ -52,11 +52,6 @@ def mesh_from_config(config: Any) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the devices; the rest replicated."""
-  return NamedSharding(mesh, P(DEVICE_AXIS))
-
-
-def class_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (class) axis split in contiguous row blocks over the devices."""
   return NamedSharding(mesh, P(DEVICE_AXIS))
 
 

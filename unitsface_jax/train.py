@@ -4,7 +4,7 @@ Sections, in the order a batch meets them (big_vision style): mesh; input pipeli
 head and optimiser created already sharded; the pure train step; checkpoint restore; the
 loop with logging, evaluation, checkpoints, the NaN guard and preemption.
 
-Decisions (see DESIGN.md):
+Decisions (docs/design.md says why):
 - The backbone is data-parallel (batch split over the one mesh axis, parameters replicated);
   the head's W, M and seen are class-sharded (``unitsface_jax.head``).
 - BatchNorm statistics: ``config.model.bn_stats = "global"`` (default) normalises with the
@@ -36,15 +36,9 @@ from flax import nnx
 
 from unitsface_jax import checkpoint as checkpoint_lib
 from unitsface_jax import head as head_lib
-from unitsface_jax import losses, models, optim, parallel
-from unitsface_jax import metrics as metrics_lib
-from unitsface_jax.data import demo as demo_data
+from unitsface_jax import losses, metric_writer, models, optim, parallel
 from unitsface_jax.data import pipeline as pipeline_lib
 from unitsface_jax.data import sources as sources_lib
-from unitsface_jax.models import Frozen
-
-# Model state that is not optimised but is saved: BN statistics and frozen scales.
-_MODEL_STATE = nnx.Any(nnx.BatchStat, Frozen)
 
 
 def _quiet_orbax() -> None:
@@ -62,11 +56,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_source(config: ml_collections.ConfigDict):
-  """The training source named by ``config.data`` (``demo`` is the bundled ORL set),
-  cut to its first ``config.data.max_examples`` examples when that is set."""
-  if config.data.source == "demo":
-    source = sources_lib.make_source("recordio", demo_data.demo_path())
-  elif config.data.source == "synthetic":
+  """The training source named by ``config.data``, cut to its first
+  ``config.data.max_examples`` examples when that is set."""
+  if config.data.source == "synthetic":
     source = sources_lib.make_source("synthetic", num_examples=config.data.num_images,
                                      num_classes=config.data.num_classes)
   else:
@@ -85,13 +77,6 @@ def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
       sample_rate=config.loss.sample_rate, storage_dtype=config.loss.head_dtype)
 
 
-def create_model(config: ml_collections.ConfigDict, key) -> nnx.Module:
-  return models.create(config.model.name, rngs=nnx.Rngs(params=key, dropout=key),
-                       dtype=config.model.dtype, dropout=config.model.dropout,
-                       num_features=config.model.num_features,
-                       width=config.model.get("width", 64))  # runs saved before width: 64
-
-
 def init_state(config, mesh, tx, key):
   """The train state, every array created directly with its sharding.
 
@@ -102,11 +87,11 @@ def init_state(config, mesh, tx, key):
   """
   replicated = parallel.replicated(mesh)
   model_key, head_key = jax.random.split(key)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, model_key)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config.model, model_key)))
 
   def init_backbone(k):
-    _, params, model_state, rng_state = nnx.split(create_model(config, k), nnx.Param,
-                                                  _MODEL_STATE, ...)
+    _, params, model_state, rng_state = nnx.split(models.from_config(config.model, k),
+                                                  nnx.Param, models.MODEL_STATE, ...)
     return params, model_state, rng_state
 
   params, model_state, rng_state = jax.jit(init_backbone, out_shardings=replicated)(model_key)
@@ -140,6 +125,7 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
   accum = config.optimizer.grad_accum_steps
   lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch / accum)
   groups = mesh.size if config.model.bn_stats == "per_device" else 0
+  uses_s2s = config.loss.s2s != "none"
 
   def train_step(state, images, labels, flips=None):
     # The pipeline ships uint8 (4x less host traffic) and, with defer_flip, the coin flips
@@ -149,7 +135,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
     images = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     step = state["step"]
     epoch = step // steps_per_epoch
-    s2s_active = (epoch >= config.loss.uss_start_epoch) & (config.loss.s2s != "none")
+    # Whether the sample-to-sample term is in this step's loss (and b may initialise).
+    s2s_active = jnp.logical_and(uses_s2s, epoch >= config.loss.uss_start_epoch)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params["backbone"], state["model_state"], rng_state,
@@ -164,10 +151,9 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
           head_state, embeddings, labels, config=hc, mesh=mesh,
           key=jax.random.fold_in(sample_root, step), s2s_active=s2s_active)
       loss = losses.unitsface_objective(
-          terms["s2c"], terms["s2s"], epoch, s2c_weight=config.loss.w_s2c,
-          s2s_weight=config.loss.w_s2s, s2s_start_epoch=(
-              config.loss.uss_start_epoch if config.loss.s2s != "none" else 2**30))
-      return loss, (terms, new_head, nnx.state(model, _MODEL_STATE))
+          terms["s2c"], terms["s2s"], s2s_active, s2c_weight=config.loss.w_s2c,
+          s2s_weight=config.loss.w_s2s)
+      return loss, (terms, new_head, nnx.state(model, models.MODEL_STATE))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, new_head, model_state)), grads = grad_fn(state["params"])
@@ -231,10 +217,7 @@ class _Preemption:
 
 def _eval_sets(config):
   from unitsface_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
-  paths = list(config.eval.bins)
-  if not paths and config.data.source == "demo":
-    paths = [str(demo_data.demo_bin_path())]
-  return verification.load_sets(paths) if paths else []
+  return verification.load_sets(list(config.eval.bins)) if config.eval.bins else []
 
 
 def evaluate(config, graphdef, rng_state, state, sets) -> dict[str, float]:
@@ -246,68 +229,6 @@ def evaluate(config, graphdef, rng_state, state, sets) -> dict[str, float]:
   results = verification.evaluate_sets(extract.nnx_apply_fn(model), sets,
                                        batch_size=config.eval.batch_size)
   return {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
-
-
-def restore_state(ckpt: checkpoint_lib.Checkpoints, step: int, state, mesh, *,
-                  data_iterator=None):
-  """Restores ``state`` saved at ``step`` onto this run's mesh, whatever mesh saved it.
-
-  Arrays come back with this run's shardings. The class-sharded arrays (W, M, seen, their
-  optimiser state) are padded to a multiple of the device count; when the saving run had
-  another count, they are read whole and re-padded (zero rows) or cut to this run's size.
-  """
-  target = checkpoint_lib.abstract_like(state)
-  saved = ckpt.saved_shapes(step)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-  replicated = parallel.replicated(mesh)
-  read = []
-  for path, t in flat:
-    shape = saved.get(checkpoint_lib.path_names(path))
-    if shape is None:
-      raise ValueError(f"checkpoint {step} in {ckpt.directory} has no array "
-                       f"{jax.tree_util.keystr(path)}: it was written by another model/config")
-    if shape != t.shape:
-      if shape[1:] != t.shape[1:]:
-        raise ValueError(f"checkpoint {step}: {jax.tree_util.keystr(path)} has shape {shape}, "
-                         f"this run expects {t.shape}")
-      t = jax.ShapeDtypeStruct(shape, t.dtype, sharding=replicated)
-    read.append(t)
-  restored = ckpt.restore(step, jax.tree_util.tree_unflatten(treedef, read),
-                          data_iterator=data_iterator)
-
-  def fit(x, t):
-    if x.shape == t.shape:
-      return x
-    rows = t.shape[0]
-    x = x[:rows] if x.shape[0] >= rows else jnp.pad(
-        x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-    return jax.device_put(x, t.sharding)
-
-  return jax.tree.map(fit, restored, target)
-
-
-def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Module]:
-  """(model name, backbone in eval mode) from a run's checkpoint (default: the latest)."""
-  ckpt = checkpoint_lib.Checkpoints(workdir, every_steps=1, keep=1, read_only=True)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    model = create_model(config, jax.random.key(0))
-    saved = ckpt.restore_arrays(step)
-  finally:
-    ckpt.close()
-  flat = {checkpoint_lib.path_names(p): v for p, v in
-          jax.tree_util.tree_flatten_with_path(saved)[0]}
-  for prefix, selector in ((("params", "backbone"), nnx.Param), (("model_state",), _MODEL_STATE)):
-    for path, var in nnx.to_flat_state(nnx.state(model, selector)):
-      key = prefix + tuple(str(p) for p in path) + ("value",)
-      if key not in flat:
-        raise ValueError(f"checkpoint {step} in {workdir} has no {'/'.join(key)}")
-      var[...] = jnp.asarray(flat[key])
-  model.eval()
-  return config.model.name, model
 
 
 def use_compilation_cache(config: ml_collections.ConfigDict, workdir) -> str | None:
@@ -369,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
                                     keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:
-    state = restore_state(ckpt, latest, state, mesh, data_iterator=data)
+    state = checkpoint_lib.restore_state(ckpt, latest, state, mesh, data_iterator=data)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
   start_step = int(state["step"])
   if start_step != (latest or 0):
@@ -377,10 +298,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------- loop
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir)
   eval_sets = _eval_sets(config) if config.eval.every_steps > 0 else []
   preemption = _Preemption()
-  last = {}
+  last, at_start = {}, {}
+  if eval_sets and config.eval.before_training and start_step == 0:
+    at_start = evaluate(config, graphdef, rng_state, state, eval_sets)
+    logging.info("step 0 (initial weights) %s", at_start)
+    writer.write(0, at_start)
   t0, t_steps = None, 0
   try:
     for step in range(start_step, total_steps):
@@ -428,6 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     writer.close()
     data.close()
     preemption.restore()
+  for name, value in at_start.items():
+    if name in last:
+      logging.info("%s: %.4f with the initial weights, %.4f after training", name, value,
+                   last[name])
   return last
 
 

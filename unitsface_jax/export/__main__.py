@@ -32,8 +32,8 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     if _WORKDIR.value:
-      from unitsface_jax import train  # pylint: disable=g-import-not-at-top
-      name, model = train.backbone_from_workdir(_WORKDIR.value, _STEP.value)
+      from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+      name, model = checkpoint.backbone_from_workdir(_WORKDIR.value, _STEP.value)
     else:
       name, model = load_params(_PARAMS.value, _MODEL.value)
   except (ValueError, FileNotFoundError) as e:

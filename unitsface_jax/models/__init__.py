@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -31,6 +33,9 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The model's state that is saved but not optimised: BatchNorm statistics and frozen scales.
+MODEL_STATE = nnx.Any(nnx.BatchStat, Frozen)
 
 
 def list_models() -> list[str]:
@@ -65,5 +70,15 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
                          **kwargs)
 
 
-__all__ = ["BatchNorm", "Frozen", "IResNet", "LResNetEIR", "PReLU", "count_params", "create",
+def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
+  """The backbone a run's ``config.model`` describes, initialised from ``key`` (parameters
+  and dropout stream). A config without ``width`` (written before the field existed) means
+  the published width, 64."""
+  return create(model_config.name, rngs=nnx.Rngs(params=key, dropout=key),
+                dtype=model_config.dtype, dropout=model_config.dropout,
+                num_features=model_config.num_features,
+                width=model_config.get("width", 64))
+
+
+__all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR", "PReLU", "count_params", "create",
            "list_models", "macs_per_image", "summary"]
