@@ -185,22 +185,22 @@ class _Columns(NamedTuple):
   real: jax.Array
 
 
-def _s2s_term(config: HeadConfig, cos_m: jax.Array, cols: _Columns, valid: jax.Array,
-              params: HeadParams, initialized: jax.Array, active: jax.Array):
+def _s2s_term(config: HeadConfig, state: HeadState, cos_m: jax.Array, cols: _Columns,
+              valid: jax.Array, active: jax.Array):
   """The sample-to-sample loss [B], with b's (or the class biases') data-dependent first value.
 
   Args:
     config: what to compute.
+    state: this device's head state before the step (b, class biases, ``initialized``).
     cos_m: [B, k] cosines between the global batch and the memory rows ``cols.picked``.
     cols: the columns scored.
     valid: [B, k] bool, memory rows that hold a feature and are real classes.
-    params: the head parameters before this step (b, class biases).
-    initialized: whether b already took its first value.
     active: whether the sample-to-sample term is in use this step.
 
   Returns:
     (loss [B], params with b / class biases as this step uses them, initialized after it).
   """
+  params, initialized = state.params, state.buffers.initialized
   first_use = jnp.zeros((), jnp.bool_)
   ready = active
   if config.s2s_loss in ("uss", "s2s_bce"):
@@ -281,8 +281,7 @@ def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key:
   cos_m = losses.cosine_similarity(features, jax.lax.stop_gradient(buffers.memory[picked]),
                                    precision=config.matmul_precision)
   valid = jnp.broadcast_to(buffers.seen[picked] & cols.real, shape)
-  s2s, params, initialized = _s2s_term(config, cos_m, cols, valid, params,
-                                       buffers.initialized, s2s_active)
+  s2s, params, initialized = _s2s_term(config, state, cos_m, cols, valid, s2s_active)
 
   # Memory write to the rows this device owns; last occurrence in the GLOBAL batch wins
   # because every device sees the same gathered batch in the same order.

@@ -4,7 +4,7 @@ Sections, in the order a batch meets them (big_vision style): mesh; input pipeli
 head and optimiser created already sharded; the pure train step; checkpoint restore; the
 loop with logging, evaluation, checkpoints, the NaN guard and preemption.
 
-Decisions (docs/design.md says why):
+Decisions (docs/design.md, "Decisions"):
 - The backbone is data-parallel (batch split over the one mesh axis, parameters replicated);
   the head's W, M and seen are class-sharded (``unitsface_jax.head``).
 - BatchNorm statistics: ``config.model.bn_stats = "global"`` (default) normalises with the

@@ -2,7 +2,8 @@
 
 Verification sets (insightface ``.bin``, LFW ``pairs.txt``), IJB-B/C (1:1 and 1:N) and
 MegaFace Challenge 1, with reports (table, JSON, ROC PNG). The training loop calls
-``load_sets`` once and ``accuracies(nnx_apply_fn(model), sets)`` at each evaluation.
+``load_sets(config.eval.bins)`` once and ``evaluate_sets(nnx_apply_fn(model), sets)`` at each
+evaluation.
 """
 
 from unitsface_jax.evaluation.extract import (batch_mesh, embed, extract_raw, l2_normalize,
