@@ -8,7 +8,7 @@ import pytest
 import simplejpeg
 from absl import flags
 
-from unitsface_jax.data import DataError, pipeline, recordio, sources
+from unitsface_jax.data import DataError, pipeline, pixels, recordio, sources
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
@@ -61,7 +61,7 @@ def test_uint8_output_normalises_to_the_float_output(orl):
   raw = next(iter(pipeline.make_pipeline(orl, config)))
   assert raw["image"].dtype == np.uint8
   floats = next(iter(pipeline.make_pipeline(orl, pipeline.PipelineConfig(batch_size=8, seed=4))))
-  np.testing.assert_array_equal(pipeline.normalize(raw["image"]), floats["image"])
+  np.testing.assert_array_equal(pixels.normalize(raw["image"]), floats["image"])
   np.testing.assert_array_equal(raw["label"], floats["label"])
 
 
@@ -248,6 +248,17 @@ def test_wrong_image_size_is_a_data_error(data_dir):
   ok = pipeline.PipelineConfig(batch_size=2, shuffle=False, image_size=(112, 92))
   batch = next(iter(pipeline.make_pipeline(folder, ok)))
   assert batch["image"].shape == (2, 112, 92, 3)
+
+
+def test_jpeg_of_another_size_is_a_data_error(tmp_path):
+  """A JPEG the batch buffer does not fit is decoded whole, then refused with its location."""
+  small = simplejpeg.encode_jpeg(np.zeros((100, 96, 3), np.uint8))
+  good = simplejpeg.encode_jpeg(np.zeros((112, 112, 3), np.uint8))
+  recordio.write_insightface(tmp_path, [(0, good), (0, small), (1, good)], 2)
+  config = pipeline.PipelineConfig(batch_size=3, shuffle=False, num_epochs=1)
+  with pytest.raises(DataError, match=r"train\.rec, record 2, .*is 100x96, the pipeline "
+                                      r"expects 112x112"):
+    next(iter(pipeline.make_pipeline(sources.RecordIOSource(tmp_path), config)))
 
 
 def test_iterator_from_config_splits_the_global_batch(data_dir):

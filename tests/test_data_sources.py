@@ -90,7 +90,7 @@ def test_data_layer_imports_no_jax_and_no_model_code():
   package's ``xla_flags``, run by ``import unitsface_jax``, only edits an environment
   variable and imports no JAX.)"""
   code = ("import sys; import unitsface_jax.data.recordio, unitsface_jax.data.sources, "
-          "unitsface_jax.data.align, unitsface_jax.data.demo; "
+          "unitsface_jax.data.align, unitsface_jax.data.demo, unitsface_jax.data.pixels; "
           "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax')) or "
           "(m.startswith('unitsface_jax.') and not m.startswith('unitsface_jax.data') "
           "and m != 'unitsface_jax.xla_flags')]; "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from unitsface_jax.data import align
+from unitsface_jax.data import DataError, align
 from unitsface_jax.evaluation import metrics, verification
 
 
@@ -144,6 +144,15 @@ def test_py2_bin_loads_and_matches_py3_images(data_dir):
   np.testing.assert_array_equal(small.issame, [True] * 10 + [False] * 10)
   np.testing.assert_array_equal(small.images[:20], full.images[:20])
   np.testing.assert_array_equal(small.images[20:], full.images[600:620])
+
+
+def test_undecodable_bin_image_is_a_data_error_naming_it(data_dir, tmp_path):
+  bins, issame = verification.read_bin(data_dir / "eval" / "lfw_fold1_py2str_20pairs.bin")
+  bins[5] = b"\xff\xd8\xff" + b"not a jpeg" * 10
+  bad = tmp_path / "bad.bin"
+  bad.write_bytes(pickle.dumps((bins, [bool(s) for s in issame]), protocol=4))
+  with pytest.raises(DataError, match=r"bad\.bin\[5\]: undecodable image"):
+    verification.load_bin(bad)
 
 
 class _CreatesFile:

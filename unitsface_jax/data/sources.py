@@ -9,7 +9,6 @@ source carries its index: 8 bytes a record) and open their files again there.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from unitsface_jax.data import recordio
+from unitsface_jax.data import pixels, recordio
 from unitsface_jax.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp")
@@ -264,31 +263,23 @@ def where(source, index: int) -> dict[str, Any]:
   return locate(index) if locate else {"record": index}
 
 
-def decode_image(data, where: dict[str, Any] | None = None) -> np.ndarray:
-  """Decodes encoded image bytes (or passes an array) to HWC uint8 RGB.
+def decode_image(data, where: dict[str, Any] | None = None, *,
+                 out: np.ndarray | None = None) -> np.ndarray:
+  """Decodes encoded image bytes (or checks an array) to HWC uint8 RGB.
 
-  JPEG goes through simplejpeg (libjpeg-turbo); anything else (PGM, PNG, ...) through Pillow.
-  Grey images are replicated to 3 channels.
+  Bytes go through ``pixels.decode_image`` (JPEG by libjpeg-turbo, anything else by Pillow),
+  ``out`` included: a JPEG of ``out``'s size is decoded into it. Grey arrays are replicated to
+  3 channels.
 
   Raises:
     DataError: the bytes are not a decodable image; names ``where`` (from ``locate``).
   """
-  if isinstance(data, np.ndarray):
-    image = data
-  else:
-    data = bytes(data)
+  if not isinstance(data, np.ndarray):
     try:
-      if data[:3] == b"\xff\xd8\xff":
-        import simplejpeg  # pylint: disable=g-import-not-at-top
-        image = simplejpeg.decode_jpeg(data, colorspace="RGB")
-      else:
-        from PIL import Image  # pylint: disable=g-import-not-at-top
-        with Image.open(io.BytesIO(data)) as im:
-          image = np.asarray(im.convert("RGB"))
-    except Exception as e:  # pylint: disable=broad-except  # decoders raise many types
-      where = where or {}
-      raise DataError(f"undecodable image ({len(data)} bytes): {type(e).__name__}: {e}",
-                      **where) from None
+      return pixels.decode_image(data, out=out)
+    except DataError as e:
+      raise DataError(e.reason, **(where or {})) from None
+  image = data
   if image.ndim == 2:
     image = np.repeat(image[:, :, None], 3, axis=2)
   elif image.ndim == 3 and image.shape[2] == 1:

@@ -21,6 +21,7 @@ import tqdm
 from flax import nnx
 
 from unitsface_jax import parallel
+from unitsface_jax.data import pixels
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 
@@ -65,16 +66,11 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh
   return parallel.make_mesh(devices=jax.local_devices() if devices is None else devices)
 
 
-def _to_model_input(images: jax.Array) -> jax.Array:
-  # insightface eval: img = ((x / 255) - 0.5) / 0.5.
-  return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
 @jax.jit
 def _forward(apply_fn, images):
   """f(x) and f(flip x) for one uint8 NHWC batch, as float32."""
-  x = _to_model_input(images)
-  both = jnp.concatenate([x, x[:, :, ::-1, :]], axis=0)
+  x = pixels.normalize(images)
+  both = jnp.concatenate([x, pixels.mirror(x)], axis=0)
   out = apply_fn(both).astype(jnp.float32)
   n = images.shape[0]
   return out[:n], out[n:]
@@ -82,7 +78,7 @@ def _forward(apply_fn, images):
 
 @jax.jit
 def _forward_noflip(apply_fn, images):
-  return apply_fn(_to_model_input(images)).astype(jnp.float32)
+  return apply_fn(pixels.normalize(images)).astype(jnp.float32)
 
 
 def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,

@@ -21,10 +21,9 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import simplejpeg
 from etils import epath
 
-from unitsface_jax.data import align
+from unitsface_jax.data import align, pixels
 from unitsface_jax.evaluation import extract, metrics
 
 
@@ -98,8 +97,8 @@ def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, chunk: int = 256
   crop_dir = epath.Path(root) / "loose_crop"
 
   def one(i: int) -> np.ndarray:
-    img = simplejpeg.decode_jpeg((crop_dir / meta.image_names[i]).read_bytes(),
-                                 colorspace="RGB")
+    path = crop_dir / meta.image_names[i]
+    img = pixels.decode_image(path.read_bytes(), name=str(path))
     return align.align_face(img, meta.landmarks[i], image_size)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:

@@ -22,12 +22,11 @@ import pickletools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import simplejpeg
 from etils import epath
 from PIL import Image
 
 from unitsface_jax.evaluation import extract, metrics
-from unitsface_jax.data import align
+from unitsface_jax.data import align, pixels
 
 # Opcodes that build only the admitted types or move data between stack, mark and memo.
 # Everything else (GLOBAL, STACK_GLOBAL, REDUCE, BUILD, INST, OBJ, NEWOBJ*, EXT*, PERSID*,
@@ -108,18 +107,17 @@ def read_bin(path: str | epath.PathLike) -> tuple[list[bytes], np.ndarray]:
   return bins, issame
 
 
-def decode_image(data: bytes, image_size: int = 112) -> np.ndarray:
+def decode_image(data: bytes, image_size: int = 112, *, name: str = "") -> np.ndarray:
   """Decodes one encoded image to uint8 RGB [image_size, image_size, 3].
 
-  JPEG goes through libjpeg-turbo (simplejpeg); anything else through Pillow. A size other
-  than ``image_size`` is resized with its short side to ``image_size`` and centre-cropped
+  ``pixels.decode_image`` decodes (JPEG by libjpeg-turbo, anything else by Pillow); a size
+  other than ``image_size`` is resized with its short side to ``image_size`` and centre-cropped
   (insightface uses mx.image.resize_short).
+
+  Raises:
+    DataError: undecodable bytes; the message names ``name``.
   """
-  if data[:2] == b"\xff\xd8":
-    img = simplejpeg.decode_jpeg(data, colorspace="RGB")
-  else:
-    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-  return _fit(img, image_size)
+  return _fit(pixels.decode_image(data, name=name), image_size)
 
 
 def _fit(img: np.ndarray, image_size: int) -> np.ndarray:
@@ -149,6 +147,7 @@ def load_bin(path: str | epath.PathLike, image_size: int = 112,
 
   Raises:
     UnsafePickleError: the pickle could build arbitrary objects; nothing was called.
+    DataError: an image is undecodable; the message names it as ``<path>[<index>]``.
   """
   path = epath.Path(path)
   bins, issame = read_bin(path)
@@ -158,7 +157,7 @@ def load_bin(path: str | epath.PathLike, image_size: int = 112,
     # Memoised pickles share one bytes object per repeated image: decode it once.
     key = id(b)
     if key not in decoded:
-      decoded[key] = decode_image(b, image_size)
+      decoded[key] = decode_image(b, image_size, name=f"{path}[{i}]")
     images[i] = decoded[key]
   return VerificationSet(name or path.stem, images, issame)
 
@@ -208,9 +207,8 @@ def load_pairs(image_dir: str | epath.PathLike, pairs_path: str | epath.PathLike
   def get(person: str, num: int) -> np.ndarray:
     rel = f"{person}/{person}_{num:04d}.{ext}"
     if rel not in cache:
-      data = (image_dir / rel).read_bytes()
-      img = (simplejpeg.decode_jpeg(data, colorspace="RGB") if data[:2] == b"\xff\xd8"
-             else np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+      path = image_dir / rel
+      img = pixels.decode_image(path.read_bytes(), name=str(path))
       if crop == "center":
         img = align.center_crop(img, image_size)
       elif crop == "aligned":
