@@ -38,6 +38,7 @@ from unitsface_jax import checkpoint as checkpoint_lib
 from unitsface_jax import head as head_lib
 from unitsface_jax import losses, metric_writer, models, optim, parallel
 from unitsface_jax.data import pipeline as pipeline_lib
+from unitsface_jax.data import pixels
 from unitsface_jax.data import sources as sources_lib
 
 
@@ -111,12 +112,6 @@ def init_state(config, mesh, tx, key):
   return graphdef, rng_state, state
 
 
-def mirror(images: jax.Array, flips: jax.Array) -> jax.Array:
-  """Horizontally mirrors ``images[i]`` (NHWC) where ``flips[i]``: the pipeline's
-  ``defer_flip`` coin flips, applied on the device."""
-  return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
-
-
 def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int):
   """The pure, jitted update: backbone fwd/bwd, sharded head, objective, SGD, PReLU clamp."""
   hc = head_config(config)
@@ -131,8 +126,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
     # The pipeline ships uint8 (4x less host traffic) and, with defer_flip, the coin flips
     # it did not apply; mirroring and (x / 255 - 0.5) / 0.5 happen here, on the device.
     if flips is not None:
-      images = mirror(images, flips)
-    images = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+      images = pixels.mirror_where(images, flips)
+    images = pixels.normalize(images)
     step = state["step"]
     epoch = step // steps_per_epoch
     # Whether the sample-to-sample term is in this step's loss (and b may initialise).

@@ -346,38 +346,3 @@ class PipelineIterator:
     if close is not None:
       close()
     self._iterator = None
-
-
-def iterator_from_config(data, *, process_index: int = 0,
-                         process_count: int = 1) -> PipelineIterator:
-  """The training loop's entry point: this host's ``PipelineIterator`` from a config mapping.
-
-  Args:
-    data: a mapping (e.g. the ``config.data`` ConfigDict) with ``source`` (a
-      ``sources.make_source`` kind: ``recordio``, ``tfds``, ``folder``, ``synthetic`` or
-      ``auto``), ``path`` (not for ``synthetic``), optional ``source_args`` (keyword arguments
-      for the source), ``global_batch_size`` (split evenly over hosts) and any other
-      ``PipelineConfig`` field except ``batch_size``.
-    process_index: ``jax.process_index()``.
-    process_count: ``jax.process_count()``.
-
-  Returns:
-    The iterator; its ``source`` attribute gives ``num_classes`` and ``len``.
-  """
-  data = dict(data)
-  kind = data.pop("source")
-  path = data.pop("path", None)
-  source_args = dict(data.pop("source_args", None) or {})
-  global_batch = int(data.pop("global_batch_size"))
-  if global_batch % process_count:
-    raise ValueError(f"global_batch_size {global_batch} does not split over {process_count} "
-                     "hosts")
-  if "image_size" in data:
-    data["image_size"] = tuple(data["image_size"])
-  config = PipelineConfig(batch_size=global_batch // process_count, **data)
-  if kind == "synthetic":
-    source = sources.make_source(kind, **source_args)
-  else:
-    source = sources.make_source(kind, path, **source_args)
-  return PipelineIterator(source, config, process_index=process_index,
-                          process_count=process_count)
