@@ -7,6 +7,10 @@ import pytest
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
 
+# Tests that need 8 simulated devices, set before JAX starts: tests/test_head.py runs them in
+# their own process (``python -m pytest tests/multidevice``, where this list does not apply).
+collect_ignore = ["multidevice"]
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:

@@ -1,15 +1,18 @@
 """The class-sharded head equals the single-device loss functions, on 1-8 devices and 2 hosts.
 
-Multi-device checks run ``tests/head_check.py`` in subprocesses: the simulated device count
-(``XLA_FLAGS=--xla_force_host_platform_device_count``) must be set before JAX starts, and
-this pytest session has already started JAX with one device.
+The multi-device tests need the simulated device count
+(``XLA_FLAGS=--xla_force_host_platform_device_count``) set before JAX starts, and this
+pytest session has already started JAX with one device: they live in ``tests/multidevice/``
+(left out of the top-level collection) and the tests here run them in other processes.
 """
 
+import json
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,15 @@ from unitsface_jax import head
 from unitsface_jax import losses
 from unitsface_jax import parallel
 
-CHECK = pathlib.Path(__file__).resolve().parent / "head_check.py"
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+MULTIDEVICE = TESTS_DIR / "multidevice"
+SCENARIOS = MULTIDEVICE / "head_scenarios.py"
+
+# tests/multidevice/test_head_sharded.py: 5 head configurations x 4 device counts x (loss
+# terms, gradients, memory write, padding), 3 USS configurations x 4 (threshold b), s2s BCE
+# x 4 (class biases), the compiled-program check, PartialFC (scenario, 3 keys x 3 checks,
+# different keys).
+SHARDED_TESTS = 5 * 4 * 4 + 3 * 4 + 4 + 1 + 1 + 3 * 3 + 1
 
 
 def _env(devices):
@@ -28,29 +39,25 @@ def _env(devices):
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
+  env.pop("PYTEST_ADDOPTS", None)  # options meant for this session (-k, -x) would cut the run
   return env
 
 
-def _run_check(args, devices, timeout):
-  proc = subprocess.run([sys.executable, str(CHECK), *args], env=_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-  return proc.stdout
-
-
-def test_sharded_head_equals_single_device_losses_on_1_2_4_8_devices():
-  """C = 13 (no count divides it), repeated labels across devices, two steps (b init, write)."""
-  out = _run_check(["equality", "1,2,4,8"], devices=8, timeout=300)
-  for name in ("cosface_uss", "arcface_uss_paper", "cosface_s2s_softmax", "cosface_s2s_bce",
-               "bf16_storage"):
-    for n in (1, 2, 4, 8):
-      assert f"ok {name} n={n}" in out
-  assert "ok no [B, C] arrays" in out
-
-
-def test_partial_fc_forces_positives_and_equals_restricted_loss():
-  out = _run_check(["partialfc"], devices=4, timeout=180)
-  assert "ok partialfc" in out
+def test_sharded_head_tests_pass_on_8_devices(tmp_path):
+  """tests/multidevice on 8 simulated devices: every test runs and passes, none skipped."""
+  report = tmp_path / "report.xml"
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+       str(MULTIDEVICE)],
+      cwd=TESTS_DIR.parent, env=_env(8), capture_output=True, text=True, timeout=480)
+  # The first failure in full and the summary of all (a broken head fails dozens).
+  out = proc.stdout if len(proc.stdout) < 16000 else (
+      f"{proc.stdout[:8000]}\n[...]\n{proc.stdout[-8000:]}")
+  output = f"{out}\n{proc.stderr[-4000:]}"
+  assert proc.returncode == 0, output  # exit 5, no tests collected, fails here too
+  suite = ElementTree.parse(report).getroot().find("testsuite")
+  counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+  assert counts == dict(tests=SHARDED_TESTS, failures=0, errors=0, skipped=0), output
 
 
 def _free_port():
@@ -59,12 +66,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _topology(results):
+  return json.loads(results.with_suffix(".json").read_text())
+
+
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
   """jax.distributed on 127.0.0.1: same losses, gradients and new state as 1 × 4 devices."""
   port = _free_port()
   dist_out = tmp_path / "two_processes.npz"
-  procs = [subprocess.Popen([sys.executable, str(CHECK), "distributed", str(port), str(i), "2",
-                             str(dist_out)], env=_env(2), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, str(SCENARIOS), "distributed", str(port), str(i),
+                             "2", str(dist_out)], env=_env(2), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = []
   try:
@@ -82,7 +93,11 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
   for i, proc in enumerate(procs):
     assert proc.returncode == 0, f"process {i} failed:\n{logs[i] if i < len(logs) else ''}"
   single_out = tmp_path / "one_process.npz"
-  _run_check(["single", str(single_out)], devices=4, timeout=120)
+  proc = subprocess.run([sys.executable, str(SCENARIOS), "single", str(single_out)],
+                        env=_env(4), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
+  assert _topology(dist_out) == dict(process_count=2, local_device_count=2, mesh_devices=4)
+  assert _topology(single_out) == dict(process_count=1, local_device_count=4, mesh_devices=4)
   two, one = np.load(dist_out), np.load(single_out)
   assert sorted(two) == sorted(one) and len(one) == 18
   for key in one:

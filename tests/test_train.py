@@ -210,22 +210,10 @@ def _free_port():
 
 
 def test_two_processes_match_one_process(tmp_path):
-  # 8 steps (4 an epoch, so USS is on for the last 4); the two-process run's gloo collectives
-  # make each of its steps seconds long on 2 cores.
-  # Full width: the smoke run's quarter-width trunk picks CPU convolution kernels whose sums
-  # depend on how many devices share a process (losses 3e-7 apart at step 2, 7e-4 at step 4),
-  # and this test's cost is the gloo collectives and compilation, not the trunk's compute.
+  # 8 steps, USS from step 5. The two runs agree to 1e-5 only if they reduce in the same
+  # order: both use jax.distributed's gloo collectives, XLA's default convolutions, full width.
   flags = ["--config.data.max_examples=32", "--config.checkpoint_every_steps=4",
            "--config.model.width=64"]
-  # The reference starts jax.distributed too (one process): JAX then gives its CPU client the
-  # same gloo collectives as the two-process run, so both reduce in the same order. XLA's
-  # in-process collectives sum in another order, and those ~1e-7 differences (step 1 agrees)
-  # grow past 1e-5 by step 3 of this lr-0.05, batch-8 run; the multi-process code path under
-  # test (process-local batches, global arrays, cross-process agreement) is then exact.
-  # And both keep XLA:CPU's default convolution kernels (UNITSFACE_NO_XLA_FLAGS=1): the Eigen
-  # convolutions the package selects for speed split their reductions by the threads a
-  # process has, so 1 x 4 and 2 x 2 would sum in different orders (measured: bitwise equal
-  # without the flag, 6e-5 apart by step 3 with it).
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
   one = tmp_path / "one"
   ok(run(4, one, *flags, f"--coordinator_address=127.0.0.1:{_free_port()}",
