@@ -95,7 +95,7 @@ def reference_step(config, w, memory, seen, bias, initialized, emb, labels):
     first = (not initialized) and has_negative
     init = losses.init_threshold_bias(cos_m, labels, scale=config.s2s_scale, valid=seen)
     if config.s2s_loss == "uss":
-      b = losses.threshold_bias_for_step(bias, jnp.bool_(not first), init)
+      b = losses.threshold_bias_for_step(bias, init, first_use=jnp.bool_(first))
       s2s = losses.uss(cos_m, labels, b, form=config.uss_form, **kw)
     elif config.s2s_loss == "s2s_bce":
       b = bias + jax.lax.stop_gradient(init if first else 0.0)  # bias: [C] class biases
