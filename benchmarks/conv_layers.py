@@ -19,11 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import unitsface_jax  # noqa: E402,F401  pylint: disable=unused-import  (CPU XLA flags)
 from absl import app, flags  # noqa: E402
+
+from unitsface_jax import cpu_tuning  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (the minimum is kept).")
+_CPU_TUNING = cpu_tuning.define_flag()
 
 # (input size, in channels, out channels, kernel, stride, occurrences in iresnet50).
 R50_CONVS = (
@@ -61,9 +63,8 @@ def jax_fns(batch, size, cin, cout, k, s, project_layer):
   """Forward, input-gradient and weight-gradient thunks of one conv under XLA.
 
   ``project_layer``: the convolution the backbones build (``models.layers.conv``) instead of a
-  plain ``lax.conv_general_dilated``. Today that is ``nnx.Conv`` and times like "lax"; the
-  column is kept to measure a project-side convolution rewrite against XLA's (the strided
-  rewrite measured in BENCHMARKS.md was withdrawn).
+  plain ``lax.conv_general_dilated``: with ``cpu_tuning`` enabled its strided cases have the
+  tuning's gradients, otherwise it times like "lax".
   """
   import jax
   import jax.numpy as jnp
@@ -112,6 +113,8 @@ def torch_fns(batch, size, cin, cout, k, s):
 
 def main(argv):
   del argv
+  if _CPU_TUNING.value:
+    cpu_tuning.enable()
   batch, reps = _BATCH.value, _REPS.value
   impls = ("lax", "project", "torch")
   rows, totals = [], {i: [0.0] * 3 for i in impls}

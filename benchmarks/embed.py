@@ -24,12 +24,10 @@ _ROOT = os.environ.get("UNITSFACE_BENCH_SRC") or os.path.dirname(
 sys.path.insert(0, _ROOT)
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
-# Workers start from the environment as the user gave it, not as the package changed it,
-# so that a variant with UNITSFACE_NO_XLA_FLAGS=1 really runs without the package's flags.
-_USER_ENV = dict(os.environ)
-import unitsface_jax  # noqa: E402,F401  pylint: disable=unused-import
 import alternate  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from unitsface_jax import cpu_tuning  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch (the network sees twice as many).")
@@ -39,6 +37,7 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time PyTorch.")
 _JAX = flags.DEFINE_multi_string(
     "jax", ["jax"], "JAX variants, NAME[:VAR=VALUE,...] (extra environment for that worker).")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker 'jax' or 'torch'.")
+_CPU_TUNING = cpu_tuning.define_flag()
 
 
 def _images(batch: int):
@@ -138,13 +137,17 @@ def build_torch():
 def main(argv):
   del argv
   if _WORKER.value:
+    # Each worker tunes itself (as in benchmarks/train_step.py).
+    if _CPU_TUNING.value:
+      cpu_tuning.enable()
     alternate.serve(build_jax if _WORKER.value == "jax" else build_torch)
     return
   result = {"model": _MODEL.value, "batch": _BATCH.value, "dtype": _DTYPE.value, "flip": True}
   result.update(alternate.compare(
       os.path.abspath(__file__),
-      [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}"],
-      _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value, "batch", _USER_ENV))
+      [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}",
+       f"--cpu_tuning={_CPU_TUNING.value}"],
+      _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value, "batch"))
   print(json.dumps(result))
 
 if __name__ == "__main__":

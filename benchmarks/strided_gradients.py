@@ -1,15 +1,16 @@
-r"""The strided-convolution gradient rewrite (``models.layers.Conv``) on and off, in one process.
+r"""The strided-convolution gradients of ``cpu_tuning`` on and off, in one process.
 
   python benchmarks/strided_gradients.py [--model=iresnet50] [--batch=32] --rounds=10
 
 Compiles the project's real train step (``train.make_train_step``: backbone fwd+bwd, head
 with CosFace + USS, SGD) twice in this process, once with the rewrite and once with XLA's own
-gradients (``UNITSFACE_NO_XLA_FLAGS=1`` while tracing; the CPU XLA flags stay as imported),
-and alternates their steps. One process means one allocator, one thread pool and one set of
-cores for both, so the paired per-round difference is a steadier measure of a few percent
-than two worker processes compared by ``train_step.py`` on a shared VM. Ends with one JSON
-line (medians, the paired difference, in how many rounds the rewrite was faster). The step
-and its flags are ``train_step.py``'s (``compile_step``, ``config_from_flags``).
+gradients (``cpu_tuning.strided_conv_gradients(False)`` while tracing; the CPU XLA flags are
+those of ``cpu_tuning.enable()`` for both, or none with ``--nocpu_tuning``), and alternates
+their steps. One process means one allocator, one thread pool and one set of cores for both,
+so the paired per-round difference is a steadier measure of a few percent than two worker
+processes compared by ``train_step.py`` on a shared VM. Ends with one JSON line (medians, the
+paired difference, in how many rounds the rewrite was faster). The step and its flags are
+``train_step.py``'s (``compile_step``, ``config_from_flags``).
 """
 
 from __future__ import annotations
@@ -22,30 +23,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# train_step imports the package (its CPU XLA flags) and defines the flags used here:
-# --model, --batch, --width, --classes, --rounds (and others this script ignores).
+# train_step defines the flags used here: --model, --batch, --width, --classes, --rounds,
+# --cpu_tuning (and others this script ignores).
 import train_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from unitsface_jax import models, xla_flags  # noqa: E402
+from unitsface_jax import cpu_tuning  # noqa: E402
 
 _ROUNDS = flags.FLAGS["rounds"]
 
 
-def _build(opt_out: bool):
-  """(run one step, FLOPs of the step) with the rewrite on (opt_out False) or off."""
+def _build(rewrite: bool):
+  """(run one step, FLOPs of the step) with the rewrite on or off."""
   import jax  # pylint: disable=g-import-not-at-top
-  previous = os.environ.get(xla_flags.OPT_OUT_ENV)
-  os.environ[xla_flags.OPT_OUT_ENV] = "1" if opt_out else "0"
-  try:
-    assert models.layers.strided_gradients_rewritten() == (not opt_out)
+  with cpu_tuning.strided_conv_gradients(rewrite):
+    assert cpu_tuning.strided_conv_gradients_active() == rewrite
     compiled, state, images, labels, cost = train_step.compile_step(
         train_step.config_from_flags())
-  finally:
-    if previous is None:
-      os.environ.pop(xla_flags.OPT_OUT_ENV)
-    else:
-      os.environ[xla_flags.OPT_OUT_ENV] = previous
   holder = {"state": state}
 
   def run():
@@ -58,10 +52,12 @@ def _build(opt_out: bool):
 
 def main(argv):
   del argv
+  if flags.FLAGS.cpu_tuning:
+    cpu_tuning.enable()
   import jax  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != "cpu":
     raise SystemExit("the rewrite is applied on the CPU backend only")
-  variants = {"rewrite": _build(opt_out=False), "xla": _build(opt_out=True)}
+  variants = {"rewrite": _build(rewrite=True), "xla": _build(rewrite=False)}
   times = {name: [] for name in variants}
   load_before = os.getloadavg()
   for _ in range(_ROUNDS.value):

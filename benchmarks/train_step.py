@@ -20,7 +20,9 @@ Every implementation runs in its own worker process and their steps alternate
   --jax=flags_off:UNITSFACE_NO_XLA_FLAGS=1 --jax=tuned
 
 and ``UNITSFACE_BENCH_SRC=/path/to/other/checkout`` in a variant's environment runs that
-checkout's package (before/after pairs of a code change in one run). Ends with one JSON line.
+checkout's package (before/after pairs of a code change in one run). Each JAX worker calls
+``cpu_tuning.enable()`` first unless ``--nocpu_tuning`` (or the variant sets
+``UNITSFACE_NO_XLA_FLAGS=1``). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -29,19 +31,17 @@ import json
 import os
 import sys
 
-# Import the package (which sets its CPU XLA flags) before JAX starts, from the checkout
-# named by UNITSFACE_BENCH_SRC when a worker compares another version of the code.
+# The package from the checkout named by UNITSFACE_BENCH_SRC when a worker compares another
+# version of the code.
 _ROOT = os.environ.get("UNITSFACE_BENCH_SRC") or os.path.dirname(
     os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
-# Workers start from the environment as the user gave it, not as the package changed it,
-# so that a variant with UNITSFACE_NO_XLA_FLAGS=1 really runs without the package's flags.
-_USER_ENV = dict(os.environ)
-import unitsface_jax  # noqa: E402,F401  pylint: disable=unused-import
 import alternate  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from unitsface_jax import cpu_tuning  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
@@ -57,6 +57,7 @@ _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time the PyTorc
 _JAX = flags.DEFINE_multi_string(
     "jax", ["jax"], "JAX variants, NAME[:VAR=VALUE,...] (extra environment for that worker).")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker 'jax' or 'torch'.")
+_CPU_TUNING = cpu_tuning.define_flag()
 
 
 def config_from_flags():
@@ -78,8 +79,8 @@ def compile_step(config):
 
   Returns ``(compiled, state, images, labels, cost)``: the state starts in epoch 1 (step
   1000 of 1000 per epoch) so CosFace + USS are both active, as in most of a run; ``cost`` is
-  the executable's cost analysis. Traced here, so environment that steers tracing (e.g.
-  ``UNITSFACE_NO_XLA_FLAGS``) applies as set during this call.
+  the executable's cost analysis. Traced here, so settings that steer tracing (e.g.
+  ``cpu_tuning.strided_conv_gradients``) apply as set during this call.
   """
   import jax
   import numpy as np
@@ -183,6 +184,10 @@ def build_torch():
 def main(argv):
   del argv
   if _WORKER.value:
+    # Each worker tunes itself, so a variant's environment (e.g. UNITSFACE_NO_XLA_FLAGS=1)
+    # decides for it; this process runs no JAX and hands the workers its environment as is.
+    if _CPU_TUNING.value:
+      cpu_tuning.enable()
     alternate.serve(build_jax if _WORKER.value == "jax" else build_torch)
     return
   result = {"model": _MODEL.value, "batch": _BATCH.value, "dtype": _DTYPE.value,
@@ -191,10 +196,9 @@ def main(argv):
       os.path.abspath(__file__),
       [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}",
        f"--classes={_CLASSES.value}", f"--width={_WIDTH.value}", f"--devices={_DEVICES.value}",
-       f"--steps={_STEPS.value}"],
+       f"--steps={_STEPS.value}", f"--cpu_tuning={_CPU_TUNING.value}"],
       _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value * _STEPS.value,
-      "step" if _STEPS.value == 1 else f"{_STEPS.value}_steps",
-      _USER_ENV))
+      "step" if _STEPS.value == 1 else f"{_STEPS.value}_steps"))
   print(json.dumps(result))
 
 if __name__ == "__main__":

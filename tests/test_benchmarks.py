@@ -14,6 +14,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="the [torch] extra is not installed")
@@ -40,6 +41,8 @@ def test_train_step_benchmark_reports_ratio_and_mfu():
   assert 0.8 < ratio < 1.1, ratio
   assert result["ratio"] == pytest.approx(result["jax_img_s"] / result["torch_img_s"],
                                           rel=1e-2)
+  # The worker tuned itself for the CPU (cpu_tuning.enable() in its main()).
+  assert YNN_FLAG in result["xla_flags"]["jax"].split(), result["xla_flags"]
 
 
 @needs_torch
@@ -56,5 +59,6 @@ def test_strided_gradients_benchmark_compiles_two_different_steps():
   assert set(result["seconds"]) == {"rewrite", "xla"}
   assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values()), result
   # The two programs differ: XLA's cost analysis counts the rewritten gradients differently
-  # (the opt-out took effect while tracing one of them and not the other).
+  # (the rewrite was on while tracing one of them and off for the other).
   assert result["flops"]["rewrite"] != result["flops"]["xla"], result["flops"]
+  assert YNN_FLAG in result["xla_flags"].split(), result["xla_flags"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitsface_jax import models
+from unitsface_jax import cpu_tuning, models
 from unitsface_jax.models import BatchNorm, Frozen, layers
 
 # Published parameter counts (millions) and GMACs of insightface's IResNets.
@@ -188,8 +188,7 @@ def test_strided_conv_keeps_forward_and_gradients_of_xla(kernel, stride, padding
   conv = layers.conv(5, 6, kernel, stride, padding, kernel_init=nnx.initializers.lecun_normal(),
                      dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (3, size, size, 5))
-  assert layers.strided_gradients_rewritten()  # CPU, not opted out
-  assert conv._rewritten_path(x) == path
+  assert cpu_tuning.strided_conv_case(conv, x) == path
   probe = jax.random.normal(jax.random.key(2), conv(x).shape)
 
   graphdef, params = nnx.split(conv)
@@ -202,9 +201,11 @@ def test_strided_conv_keeps_forward_and_gradients_of_xla(kernel, stride, padding
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jnp.sum(y * probe)
 
-  jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(params, x))
+  with cpu_tuning.strided_conv_gradients():  # what cpu_tuning.enable() turns on
+    assert cpu_tuning.strided_conv_gradients_active()  # on the CPU backend
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(params, x))
+    value, (d_params, dx) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(params, x)
   assert ("custom_vjp_call" in jaxpr) == (path is not None)
-  value, (d_params, dx) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(params, x)
   want_value, (d_kernel, want_dx) = jax.jit(jax.value_and_grad(xla, argnums=(0, 1)))(
       conv.kernel[...], x)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -212,12 +213,17 @@ def test_strided_conv_keeps_forward_and_gradients_of_xla(kernel, stride, padding
   np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
 
 
-def test_strided_conv_gradients_are_xla_own_when_opted_out(monkeypatch):
+def test_strided_conv_gradients_are_xla_own_unless_turned_on():
   conv = layers.conv(4, 4, 1, 2, 0, kernel_init=nnx.initializers.lecun_normal(),
                      dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jnp.ones((1, 8, 8, 4))
-  assert conv._rewritten_path(x) == "1x1"
-  monkeypatch.setenv("UNITSFACE_NO_XLA_FLAGS", "1")
-  assert not layers.strided_gradients_rewritten()
-  assert conv._rewritten_path(x) is None
-  assert "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(x))
+  assert cpu_tuning.strided_conv_case(conv, x) == "1x1"
+
+  def jaxpr():
+    return str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(x))
+
+  assert not cpu_tuning.strided_conv_gradients_active()  # nothing turns it on but a call
+  assert "custom_vjp_call" not in jaxpr()
+  with cpu_tuning.strided_conv_gradients():
+    assert "custom_vjp_call" in jaxpr()
+  assert "custom_vjp_call" not in jaxpr()

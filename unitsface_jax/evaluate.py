@@ -11,7 +11,8 @@ r"""Command line evaluation: verification sets, IJB-B/C or MegaFace, from a mode
 Embeddings files (``--features``) are ``.npz`` with ``embeddings`` [N, D] (raw f(x), in the
 order of the .bin images or of the IJB meta files), optionally ``embeddings_flip`` (raw
 f(flip x)) and, for verification, ``issame``. Results go to ``--out``: a table on the
-console, ``<protocol>.json`` and ROC PNGs.
+console, ``<protocol>.json`` and ROC PNGs. On the CPU the run is tuned
+(``unitsface_jax.cpu_tuning``) unless ``--nocpu_tuning`` or ``UNITSFACE_NO_XLA_FLAGS=1``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from unitsface_jax import cpu_tuning
 from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
 
 FLAGS = flags.FLAGS
@@ -50,6 +52,7 @@ flags.DEFINE_string("algo", "insightface", "MegaFace feature file suffix.")
 flags.DEFINE_string("facescrub_noises", None, "Published FaceScrub noise list.")
 flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
 flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
+cpu_tuning.define_flag()
 
 
 def load_model_apply_fn(model_name: str | None, params_path: str) -> extract.ApplyFn:
@@ -157,6 +160,9 @@ def run_megaface() -> dict:
 
 def main(argv):
   del argv
+  # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
+  if FLAGS.cpu_tuning:
+    cpu_tuning.enable()
   if not FLAGS.data:
     raise app.UsageError("--data is required")
   apply_fn = None

@@ -3,7 +3,8 @@
 Fields are overridden with ``--config.a.b=value``; an unknown or ill-typed field stops the run
 with a message naming it. Multi-process runs: on Cloud TPU pass ``--distributed`` (the
 coordinator is found automatically); elsewhere also ``--coordinator_address=HOST:PORT
---num_processes=N --process_id=I`` (see launch/).
+--num_processes=N --process_id=I`` (see launch/). On the CPU the run is tuned
+(``unitsface_jax.cpu_tuning``) unless ``--nocpu_tuning`` or ``UNITSFACE_NO_XLA_FLAGS=1``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from unitsface_jax import config_checks, models, parallel
+from unitsface_jax import config_checks, cpu_tuning, models, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -24,12 +25,16 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (m
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_TUNING = cpu_tuning.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # First, before JAX starts its backends (XLA reads XLA_FLAGS then) or jax.distributed.
+  if _CPU_TUNING.value:
+    cpu_tuning.enable()
   config = _CONFIG.value
   try:
     config_checks.validate(config)

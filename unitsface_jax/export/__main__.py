@@ -2,7 +2,9 @@
 
 Reads a weight file (.npz, .safetensors or a PyTorch .pth such as insightface's
 ``backbone.pth``) or the latest checkpoint of a training run (``--workdir``), infers the
-architecture unless ``--model`` names it, and writes it in the requested format.
+architecture unless ``--model`` names it, and writes it in the requested format. On the CPU
+JAX is tuned (``unitsface_jax.cpu_tuning``) unless ``--nocpu_tuning`` or
+``UNITSFACE_NO_XLA_FLAGS=1``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from unitsface_jax import cpu_tuning
 from unitsface_jax.export import load_params, save_params, torch_state_dict
 
 _PARAMS = flags.DEFINE_string("params", None, "Weight file to read (.npz/.safetensors/.pth).")
@@ -21,6 +24,7 @@ _FORMAT = flags.DEFINE_enum("format", None, ["torch", "safetensors", "onnx", "np
                             "Output format.")
 _OUT = flags.DEFINE_string("out", None, "Output file.")
 _OPSET = flags.DEFINE_integer("opset", 18, "ONNX opset.")
+_CPU_TUNING = cpu_tuning.define_flag()
 flags.mark_flags_as_required(["format", "out"])
 flags.mark_flags_as_mutual_exclusive(["params", "workdir"], required=True)
 
@@ -30,6 +34,9 @@ _SUFFIX = {"torch": ".pth", "safetensors": ".safetensors", "npz": ".npz"}
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
+  if _CPU_TUNING.value:
+    cpu_tuning.enable()
   try:
     if _WORKDIR.value:
       from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top

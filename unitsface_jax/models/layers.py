@@ -9,14 +9,13 @@ scale as a :class:`Frozen` variable, which is saved with the model but is not an
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitsface_jax import xla_flags
+from unitsface_jax import cpu_tuning
 
 Dtype = Any
 
@@ -94,145 +93,25 @@ class PReLU(nnx.Module):
     return jnp.where(x >= 0, x, a * x)
 
 
-def strided_gradients_rewritten() -> bool:
-  """Whether :class:`Conv` gives strided convolutions its own gradients (at trace time).
-
-  On the CPU backend, unless ``UNITSFACE_NO_XLA_FLAGS=1`` asks for XLA's own choices (as the
-  test comparing device layouts bitwise does: see ``xla_flags.opted_out``). Elsewhere XLA's
-  gradients are kept: cuDNN and the TPU compiler handle strided convolutions natively.
-  """
-  return jax.default_backend() == "cpu" and not xla_flags.opted_out()
-
-
 class Conv(nnx.Conv):
-  """``nnx.Conv`` whose strided cases get gradients that XLA:CPU runs fast.
+  """``nnx.Conv`` that hands strided convolutions to ``cpu_tuning`` when its gradients are on.
 
-  XLA computes the input gradient of a strided convolution as a convolution over the output
-  gradient dilated with zeros, which XLA:CPU runs at a third of its rate for stride 1, and
-  the weight gradient of a 1x1 strided convolution as a convolution too (BENCHMARKS.md,
-  "strided-convolution gradients reinstated": +4-8% for the whole iresnet50 step on a Zen 3
-  CPU). When :func:`strided_gradients_rewritten`, the two strided convolutions of
-  insightface's IResNet keep their parameters and their forward result and get other
-  gradients:
-
-  - 1x1, stride s, no padding (the downsample): subsample, then a matmul over channels, so
-    the input gradient is a matmul and a pad, and the weight gradient one 2-D
-    ``[C, N*H*W] x [N*H*W, O]`` matmul;
-  - 3x3, stride 2, padding 1 on an even-sized input (conv2 of each stage's first block):
-    XLA's forward and weight gradient; the input gradient of the same convolution written
-    as four stride-1 convolutions, one per (row, column) parity of the input, each with the
-    kernel taps that read that parity (1x1, 1x2, 2x1, 2x2: nine taps in all).
-
-  Every other case, and any convolution with dilation, groups, a bias or a mask, is
-  ``nnx.Conv`` unchanged.
+  The same parameters and forward result as ``nnx.Conv``. After ``cpu_tuning.enable()``, on
+  the CPU backend, the strided convolutions of the IR trunks get gradients that XLA:CPU runs
+  faster (``unitsface_jax.cpu_tuning``); otherwise this is ``nnx.Conv``.
   """
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    path = self._rewritten_path(x)
-    if path is None or out_sharding is not None:
-      return super().__call__(x, out_sharding=out_sharding)
-    dtype = self.dtype or jnp.result_type(x.dtype, self.kernel[...].dtype)
-    x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
-    if path == "1x1":
-      return _conv1x1_strided(x, kernel[0, 0], self.strides[0], self.precision)
-    return _conv3x3_s2(x, kernel, self.precision)
-
-  def _rewritten_path(self, x: jax.Array) -> str | None:
-    strides = tuple(self.strides) if not isinstance(self.strides, int) else (self.strides,) * 2
-    if strides == (1, 1) or not strided_gradients_rewritten():
-      return None
-    plain = (x.ndim == 4 and self.feature_group_count == 1 and not self.use_bias
-             and self.mask is None and self.preferred_element_type is None
-             and self.conv_general_dilated is jax.lax.conv_general_dilated
-             and self.input_dilation in (None, 1, (1, 1))
-             and self.kernel_dilation in (None, 1, (1, 1))
-             and not isinstance(self.padding, str))
-    if not plain:
-      return None
-    pads = tuple(int(p) for pair in self.padding for p in pair)
-    kernel_size = tuple(self.kernel_size)
-    if kernel_size == (1, 1) and strides[0] == strides[1] and pads == (0,) * 4:
-      return "1x1"
-    if (kernel_size == (3, 3) and strides == (2, 2) and pads == (1,) * 4
-        and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
-      return "3x3s2"
-    return None
-
-
-def _lax_conv(x, kernel, strides, padding, precision):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _subsample(x, stride):
-  return x[:, ::stride, ::stride, :]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv1x1_strided(x, kernel, stride, precision):
-  return jnp.einsum("nhwc,co->nhwo", _subsample(x, stride), kernel, precision=precision)
-
-
-def _conv1x1_strided_fwd(x, kernel, stride, precision):
-  return _conv1x1_strided(x, kernel, stride, precision), (x, kernel)
-
-
-def _conv1x1_strided_bwd(stride, precision, residuals, dy):
-  x, kernel = residuals
-  xs, pad_back = jax.vjp(lambda v: _subsample(v, stride), x)
-  # One 2-D matmul: XLA's transpose of the einsum contracts three axes and ran 3x slower.
-  d_kernel = jnp.matmul(xs.reshape(-1, xs.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
-                        precision=precision)
-  dx, = pad_back(jnp.einsum("nhwo,co->nhwc", dy, kernel, precision=precision))
-  return dx, d_kernel
-
-
-_conv1x1_strided.defvjp(_conv1x1_strided_fwd, _conv1x1_strided_bwd)
-
-
-def _polyphase_conv3x3_s2(x, kernel, precision):
-  """The 3x3, stride-2, padding-1 convolution of an even-sized ``x`` as four stride-1 ones."""
-  # Output row o reads input rows 2o-1, 2o, 2o+1 with kernel rows 0, 1, 2. So the even input
-  # rows (index o in x[0::2]) meet kernel row 1 only, and the odd rows (x[1::2], indices o-1
-  # and o) meet kernel rows 0 and 2: a 2-tap convolution with one row of zeros on top.
-  # Columns alike.
-  taps = {0: slice(1, 2), 1: slice(0, 3, 2)}  # input parity -> the kernel taps that read it
-  pads = {0: (0, 0), 1: (1, 0)}
-  out = None
-  for row in (0, 1):
-    for col in (0, 1):
-      y = _lax_conv(x[:, row::2, col::2, :], kernel[taps[row], taps[col]], (1, 1),
-                    (pads[row], pads[col]), precision)
-      out = y if out is None else out + y
-  return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv3x3_s2(x, kernel, precision):
-  return _lax_conv(x, kernel, (2, 2), ((1, 1), (1, 1)), precision)
-
-
-def _conv3x3_s2_fwd(x, kernel, precision):
-  return _conv3x3_s2(x, kernel, precision), (x, kernel)
-
-
-def _conv3x3_s2_bwd(precision, residuals, dy):
-  x, kernel = residuals
-  # XLA's weight gradient is the faster one here; the polyphase form's input gradient is
-  # four stride-1 transposed convolutions instead of one over a zero-dilated dy.
-  _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x, k, (2, 2), ((1, 1), (1, 1)), precision),
-                          kernel)
-  _, x_vjp = jax.vjp(lambda v: _polyphase_conv3x3_s2(v, kernel, precision), x)
-  return x_vjp(dy)[0], kernel_vjp(dy)[0]
-
-
-_conv3x3_s2.defvjp(_conv3x3_s2_fwd, _conv3x3_s2_bwd)
+    if out_sharding is None and cpu_tuning.strided_conv_gradients_active():
+      y = cpu_tuning.strided_conv(self, x)
+      if y is not None:
+        return y
+    return super().__call__(x, out_sharding=out_sharding)
 
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int, *,
          kernel_init, dtype: Dtype, rngs: nnx.Rngs) -> Conv:
-  """A bias-free 2-D convolution on NHWC input with explicit symmetric padding
-  (:class:`Conv`: strided ones get fast gradients on CPU)."""
+  """A bias-free 2-D convolution on NHWC input with explicit symmetric padding (:class:`Conv`)."""
   return Conv(
       in_features, out_features, kernel_size=(kernel, kernel), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
