@@ -85,7 +85,7 @@ def test_prepare_skips_bad_records_and_pipeline_reads_the_result(tmp_path):
 
 
 def test_data_layer_imports_no_jax_and_no_model_code():
-  """DESIGN.md layering: the reading and decoding code runs in worker processes; it must not
+  """docs/design.md layering: the reading and decoding code runs in worker processes; it must not
   pull in JAX or any higher layer. (grain, used by pipeline.py, imports jax by itself.)"""
   code = ("import sys; import unitsface_jax.data.recordio, unitsface_jax.data.sources, "
           "unitsface_jax.data.align, unitsface_jax.data.demo, unitsface_jax.data.pixels; "
