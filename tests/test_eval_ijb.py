@@ -1,5 +1,6 @@
 """IJB-C protocol on the ijbc_mini fixture: alignment, N/D/F features, pooling, TAR@FAR, 1:N."""
 
+import math
 import shutil
 
 import jax
@@ -147,6 +148,69 @@ def _oracle_features(root, meta, rng):
   return emb.astype(np.float32), idx
 
 
+def _fixture_rows(root):
+  return [ln.split("\t") for ln in (root / "source_map.tsv").read_text().splitlines()[1:]]
+
+
+def write_1n_copy(root, dest, target="IJBC", subject_of=None):
+  """Copies the fixture's meta files to ``dest/meta`` under ``target``'s names and adds the
+  1:N lists: side-A templates are the gallery (half in each gallery file), side-B templates
+  the probes, one row per image as in the released lists. ``subject_of`` maps the identity
+  index to the SUBJECT_ID written (default: the index)."""
+  t = target.lower()
+  meta_dir = dest / "meta"
+  meta_dir.mkdir(parents=True)
+  for path in (root / "meta").iterdir():
+    shutil.copy(path, meta_dir / path.name.replace("ijbc_", f"{t}_"))
+  rows = sorted(_fixture_rows(root), key=lambda r: int(r[1]))
+  subject_of = subject_of or {int(r[4]): int(r[4]) for r in rows}
+  gallery = [r for r in rows if r[6] == "A"]
+  g_tids = sorted({int(r[1]) for r in gallery})
+  first = set(g_tids[:len(g_tids) // 2])
+  lists = dict(zip(("G1", "G2") if target == "IJBC" else ("S1", "S2"),
+                   ([r for r in gallery if int(r[1]) in first],
+                    [r for r in gallery if int(r[1]) not in first])))
+  lists["probe"] = [r for r in rows if r[6] == "B"]
+  for name, part in lists.items():
+    kind = "probe_mixed" if name == "probe" else f"gallery_{name}"
+    (meta_dir / f"{t}_1N_{kind}.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(
+        f"{r[1]},{subject_of[int(r[4])]},{r[0]}\n" for r in part))
+  return dest
+
+
+def direct_identification(template_feats, gallery, probes, fpirs=(0.01, 0.1)):
+  """ijb_1n.py's 1:N numbers from their definitions, by loops over probes and gallery.
+
+  Args:
+    template_feats: {template id: L2-normalised feature}.
+    gallery, probes: [(template id, subject id)], one entry per template.
+  Returns:
+    rank-k: the share of probes whose mate is among the k most similar gallery templates;
+    TPIR at FPIR f: the share of mated scores above the ceil(f * probes)-th highest
+    non-mated score of all probe x gallery pairs.
+  """
+  ranks, mated, nonmated = [], [], []
+  for p_tid, p_subject in probes:
+    sims = [float(template_feats[p_tid] @ template_feats[g_tid]) for g_tid, _ in gallery]
+    mate = [g_subject for _, g_subject in gallery].index(p_subject)
+    by_score = sorted(range(len(gallery)), key=lambda j: -sims[j])
+    ranks.append(by_score.index(mate) + 1)
+    mated.append(sims[mate])
+    nonmated += [s for j, s in enumerate(sims) if j != mate]
+  nonmated.sort(reverse=True)
+  res = {f"rank{k}": sum(r <= k for r in ranks) / len(probes) for k in (1, 5, 10)}
+  res["tpir_at_fpir"] = {}
+  for fpir in fpirs:
+    threshold = nonmated[math.ceil(len(probes) * fpir) - 1]
+    res["tpir_at_fpir"][f"{fpir:g}"] = sum(m > threshold for m in mated) / len(probes)
+  return res
+
+
+def _templates_with_subjects(root, side, subject_of):
+  return sorted({(int(r[1]), subject_of[int(r[4])]) for r in _fixture_rows(root)
+                 if r[6] == side})
+
+
 def test_identity_oracle_features_verify_and_identify_perfectly(root, meta, tmp_path):
   rng = np.random.default_rng(4)
   emb, idx = _oracle_features(root, meta, rng)
@@ -154,46 +218,87 @@ def test_identity_oracle_features_verify_and_identify_perfectly(root, meta, tmp_
   res = ijb.evaluate_features(meta, emb, flip)
   assert all(v == 1.0 for v in res["verification"]["tar_at_far"].values())
   assert res["verification"]["auc"] == 1.0
-  # 1:N: A templates are the gallery, B templates the probes.
-  side = {}
-  for ln in (root / "source_map.tsv").read_text().splitlines()[1:]:
-    r = ln.split("\t")
-    side[int(r[1])] = (r[6], int(r[4]))
-  gal = [(t, s) for t, (sd, s) in sorted(side.items()) if sd == "A"]
-  prb = [(t, s) for t, (sd, s) in sorted(side.items()) if sd == "B"]
-  copy = tmp_path / "IJBC"
-  shutil.copytree(root / "meta", copy / "meta")
-  header = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
-  (copy / "meta" / "ijbc_1N_gallery_G1.csv").write_text(
-      header + "".join(f"{t},{s},x.jpg\n" for t, s in gal[:8]))
-  (copy / "meta" / "ijbc_1N_gallery_G2.csv").write_text(
-      header + "".join(f"{t},{s},x.jpg\n" for t, s in gal[8:]))
-  (copy / "meta" / "ijbc_1N_probe_mixed.csv").write_text(
-      header + "".join(f"{t},{s},x.jpg\n" for t, s in prb))
-  meta1n = ijb.read_meta(copy, "IJBC")
-  assert meta1n.gallery[0].size == 16 and meta1n.probe[0].size == 16
+  meta1n = ijb.read_meta(write_1n_copy(root, tmp_path / "IJBC"), "IJBC")
+  assert meta1n.gallery[0].size == 71 and meta1n.probe[0].size == 59  # rows: one per image
   ident = ijb.evaluate_features(meta1n, emb, flip)["identification"]
+  assert ident["num_gallery"] == 16 and ident["num_probes"] == 16
   assert ident["rank1"] == 1.0 and ident["tpir_at_fpir"]["0.1"] == 1.0
 
 
-def test_identification_equals_brute_force():
-  rng = np.random.default_rng(5)
-  n_g, n_p = 40, 120
-  feats = rng.normal(size=(n_g + n_p, 8)).astype(np.float32)
-  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-  tids = np.arange(100, 100 + n_g + n_p)
-  g_sub = rng.permutation(n_g) + 1000
-  p_sub = rng.choice(g_sub, n_p)
-  res = ijb.identification_metrics(feats, tids, (tids[:n_g], g_sub), (tids[n_g:], p_sub),
-                                   fpirs=(0.01, 0.1))
-  sim = feats[n_g:] @ feats[:n_g].T
-  mate = np.array([list(g_sub).index(s) for s in p_sub])
-  order = np.argsort(-sim, axis=1)
+def noisy_identity_features(root, meta, seed=6, noise=4.0):
+  """Per-image features: the identity's centre plus noise strong enough that mates are
+  often outranked (and a flipped twin with its own noise)."""
+  rng = np.random.default_rng(seed)
+  emb, _ = _oracle_features(root, meta, rng)
+  emb = emb + noise * rng.normal(size=emb.shape).astype(np.float32)
+  flip = emb + 0.3 * rng.normal(size=emb.shape).astype(np.float32)
+  return emb, flip
+
+
+# Subject ids in another order than the template ids, so a gallery row must be found by id.
+SUBJECTS = {i: 5000 + (7 * i) % 16 * 3 for i in range(16)}
+
+
+def direct_from_images(root, meta, emb, flip):
+  """direct_identification over the fixture's 1:N split, from image features pooled by the
+  loop reference (N1D1F1: flip sum, norm kept, faceness weight)."""
+  feats = (emb.astype(np.float64) + flip) * meta.faceness[:, None]
+  uniq, tf = _reference_templates(feats, meta.templates, meta.medias)
+  return direct_identification(dict(zip(uniq, tf)),
+                               _templates_with_subjects(root, "A", SUBJECTS),
+                               _templates_with_subjects(root, "B", SUBJECTS))
+
+
+def test_identification_with_noisy_features_equals_direct_computation(root, meta, tmp_path):
+  """1:N from the meta files with imperfect features: ranks and TPIR strictly between the
+  extremes, each equal to its definition computed by loops."""
+  meta1n = ijb.read_meta(write_1n_copy(root, tmp_path / "IJBC", subject_of=SUBJECTS), "IJBC")
+  emb, flip = noisy_identity_features(root, meta)
+  got = ijb.evaluate_features(meta1n, emb, flip)["identification"]
+  want = direct_from_images(root, meta, emb, flip)
   for k in (1, 5, 10):
-    assert res[f"rank{k}"] == np.mean([mate[i] in order[i, :k] for i in range(n_p)])
-  pos = sim[np.arange(n_p), mate]
-  neg = sorted((sim[i, j] for i in range(n_p) for j in range(n_g) if j != mate[i]),
-               reverse=True)
-  for far in (0.01, 0.1):
-    th = neg[int(np.ceil(n_p * far)) - 1]
-    assert res["tpir_at_fpir"][f"{far:g}"] == np.mean(pos > th)
+    assert got[f"rank{k}"] == want[f"rank{k}"], k
+  assert got["tpir_at_fpir"] == want["tpir_at_fpir"]
+  assert 0 < want["rank1"] < want["rank5"] < want["rank10"] < 1
+  assert 0 < want["tpir_at_fpir"]["0.01"] <= want["tpir_at_fpir"]["0.1"] < 1
+
+
+def test_identification_equals_direct_computation_on_a_larger_gallery():
+  """Identity-structured noisy templates, 30 gallery subjects and 190 probes given with
+  repeated rows (one per image) and subject ids out of template order; FPIRs that read
+  different depths of the non-mated list (190 x FPIR rounded up: 2, 10, 19, 48)."""
+  rng = np.random.default_rng(7)
+  n_g, n_p, fpirs = 30, 190, (0.01, 0.05, 0.1, 0.25)
+  centres = rng.normal(size=(n_g, 8))
+  g_sub = rng.permutation(n_g) * 7 + 1000
+  p_who = rng.integers(0, n_g, n_p)
+  feats = np.concatenate([centres, centres[p_who]]) + 0.9 * rng.normal(size=(n_g + n_p, 8))
+  feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+  tids = np.arange(100, 100 + n_g + n_p)
+  copies = rng.integers(1, 4, n_g + n_p)  # rows per template in the lists
+  gallery = np.repeat(tids[:n_g], copies[:n_g]), np.repeat(g_sub, copies[:n_g])
+  probes = np.repeat(tids[n_g:], copies[n_g:]), np.repeat(g_sub[p_who], copies[n_g:])
+  got = ijb.identification_metrics(feats, tids, gallery, probes, fpirs=fpirs)
+  by_tid = dict(zip(tids, feats.astype(np.float64)))
+  want = direct_identification(by_tid, list(zip(tids[:n_g], g_sub)),
+                               list(zip(tids[n_g:], g_sub[p_who])), fpirs)
+  for k in (1, 5, 10):
+    assert got[f"rank{k}"] == want[f"rank{k}"], k
+  assert got["tpir_at_fpir"] == want["tpir_at_fpir"]
+  assert got["num_probes"] == n_p and got["num_gallery"] == n_g
+  assert 0 < want["rank1"] < want["rank5"] < want["rank10"] < 1
+  tpirs = list(want["tpir_at_fpir"].values())
+  assert 0 < tpirs[0] < tpirs[1] < tpirs[2] < tpirs[3] < 1, tpirs
+
+
+def test_tpir_counts_only_mated_scores_above_the_threshold():
+  """ijb_1n.py accepts a mated score strictly above the threshold (``pos_sims > th``)."""
+  eye = np.eye(2, dtype=np.float32)
+  # Gallery templates 0, 1, 2 (0 and 1 share a feature); probe template 3 is template 0's
+  # subject, probe 4 template 2's. Both mated scores are 1; non-mated: 1 (3 x 1), 0, 0, 0.
+  feats = np.stack([eye[0], eye[0], eye[1], eye[0], eye[1]])
+  tids = np.arange(5)
+  res = ijb.identification_metrics(feats, tids, (tids[:3], np.array([10, 11, 12])),
+                                   (tids[3:], np.array([10, 12])), fpirs=(0.5, 1.0))
+  # FPIR 0.5: the highest non-mated score, 1, ties both mated scores: neither is above it.
+  assert res["tpir_at_fpir"] == {"0.5": 0.0, "1": 1.0}
