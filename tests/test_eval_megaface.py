@@ -23,7 +23,7 @@ def test_feature_file_round_trip_and_header(tmp_path):
     megaface.read_feature(path)
 
 
-def _brute_force(probes, ids, distractors):
+def brute_force_rank1(probes, ids, distractors):
   p = probes / np.linalg.norm(probes, axis=1, keepdims=True)
   d = distractors / np.linalg.norm(distractors, axis=1, keepdims=True)
   hits, total = 0, 0
@@ -45,7 +45,7 @@ def test_rank1_and_tar_equal_brute_force():
   distractors = rng.normal(size=(700, dim))
   far = 1e-3
   res = megaface.evaluate_features(probes, ids, distractors, far=far, chunk=64)
-  assert res["rank1"] == _brute_force(probes, ids, distractors)
+  assert res["rank1"] == brute_force_rank1(probes, ids, distractors)
   assert 0.0 < res["rank1"] < 1.0
   # TAR from the kept top impostors equals the full-ROC reading over every score.
   p = probes / np.linalg.norm(probes, axis=1, keepdims=True)

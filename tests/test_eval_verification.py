@@ -192,16 +192,23 @@ def test_find_class_is_refused_even_without_the_opcode_scan():
 
 # ------------------------------------------------------------------------ pairs.txt folders
 
-def test_pairs_txt_over_image_folder(data_dir, tmp_path):
-  """A pairs.txt over LFW-layout folders; the centre crop equals the 5-point alignment."""
+def lfw_layout(data_dir, dest):
+  """The ijbc_mini images (unaligned 250x250 LFW originals) back in LFW's folder layout
+  ``dest/<Name>/<Name>_NNNN.jpg``; returns {name: [image numbers]}."""
   root = data_dir / "eval" / "ijbc_mini"
   rows = [ln.split("\t") for ln in (root / "source_map.tsv").read_text().splitlines()[1:]]
   people = {}
   for name, _, _, source, *_ in rows:
     person, file = source.split("/")[-2:]
-    (tmp_path / person).mkdir(exist_ok=True)
-    shutil.copy(root / "loose_crop" / name, tmp_path / person / file)
+    (dest / person).mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "loose_crop" / name, dest / person / file)
     people.setdefault(person, []).append(int(file[-8:-4]))
+  return people
+
+
+def test_pairs_txt_over_image_folder(data_dir, tmp_path):
+  """A pairs.txt over LFW-layout folders; the centre crop equals the 5-point alignment."""
+  people = lfw_layout(data_dir, tmp_path)
   names = sorted(people)
   matched = [f"{p}\t{people[p][0]}\t{people[p][1]}" for p in names[:4]]
   mismatched = [f"{a}\t{people[a][0]}\t{b}\t{people[b][0]}" for a, b in zip(names[:4], names[4:8])]

@@ -1,14 +1,17 @@
 """Weights across frameworks: PyTorch parity, key names, weight files, ONNX, the export CLI."""
 
-import subprocess
-import sys
+import shutil
 
+import command_lines
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
 
-from unitsface_jax import export, models
+from unitsface_jax import checkpoint, export, models
 
 torch = pytest.importorskip("torch")
 torch_modules = pytest.importorskip("unitsface_jax.export.torch_modules")
@@ -166,20 +169,113 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_export_cli_writes_onnx_and_torch(tmp_path):
-  model = models.create("iresnet18", rngs=nnx.Rngs(5), width=16)  # the width travels too
-  src = tmp_path / "w.npz"
-  export.save_params(src, model, "iresnet18")
-  for fmt, out in (("torch", "w.pth"), ("onnx", "w.onnx")):
-    proc = subprocess.run([sys.executable, "-m", "unitsface_jax.export", f"--params={src}",
-                           f"--format={fmt}", f"--out={tmp_path / out}"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / out).stat().st_size > 1_000_000
-  loaded = torch.load(tmp_path / "w.pth", weights_only=True)
-  np.testing.assert_array_equal(loaded["fc.weight"].numpy(), np.asarray(model.fc.kernel[...]).T)
-  proc = subprocess.run([sys.executable, "-m", "unitsface_jax.export",
-                         f"--params={tmp_path / 'missing.npz'}", "--format=torch",
-                         f"--out={tmp_path / 'x.pth'}"], capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 2 and "missing.npz" in proc.stderr
+# ------------------------------------------------------------------ the export command line
+
+def _export(*args):
+  return command_lines.run_main("unitsface_jax.export.__main__", *args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+  """A run with checkpoints 12 (tests/data/checkpoint_v0: IResNet-18 at width 4 with a 32-d
+  embedding) and 20 (every float array of 12 plus 0.5), so --step has two to choose from."""
+  workdir = tmp_path_factory.mktemp("run")
+  shutil.copytree(data_dir / "checkpoint_v0" / "checkpoints", workdir / "checkpoints")
+  ckpt = checkpoint.Checkpoints(workdir, every_steps=1, keep=5, with_data=False)
+  try:
+    later = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                         ckpt.restore_arrays(12))
+    ckpt.save(20, later, config=ml_collections.ConfigDict(ckpt.restore_config(12)), force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return workdir
+
+
+def _saved(workdir, step, *path):
+  ckpt = checkpoint.Checkpoints(workdir, every_steps=1, keep=5, read_only=True)
+  try:
+    tree = ckpt.restore_arrays(step)
+  finally:
+    ckpt.close()
+  for key in path:
+    tree = tree[key]
+  return np.asarray(tree)
+
+
+def test_export_cli_step_reads_that_checkpoint_and_default_the_latest(run_dir, tmp_path):
+  assert _export(f"--workdir={run_dir}", "--step=12", "--format=npz",
+                 f"--out={tmp_path / 'at12.npz'}") == 0
+  assert _export(f"--workdir={run_dir}", "--format=npz", f"--out={tmp_path / 'latest.npz'}") == 0
+  at12, latest = np.load(tmp_path / "at12.npz"), np.load(tmp_path / "latest.npz")
+  # conv1.weight (OIHW) is the saved HWIO stem kernel; features.* the embedding BN statistics.
+  for weights, step in ((at12, 12), (latest, 20)):
+    kernel = _saved(run_dir, step, "params", "backbone", "conv1", "kernel", "value")
+    np.testing.assert_array_equal(weights["conv1.weight"], kernel.transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(weights["features.running_var"],
+                                  _saved(run_dir, step, "model_state", "features", "var", "value"))
+    assert str(weights["__model__"]) == "iresnet18" and weights["fc.weight"].shape[0] == 32
+
+
+_SUFFIX = {"npz": ".npz", "safetensors": ".safetensors", "torch": ".pth", "onnx": ".onnx"}
+
+
+def _read_weights(fmt, path):
+  """The tensors of an exported file, read by the format's own library."""
+  if fmt == "npz":
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files if k != "__model__"}
+  if fmt == "safetensors":
+    from safetensors.numpy import load_file
+    return load_file(path)
+  return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+
+@pytest.mark.parametrize("fmt", sorted(_SUFFIX))
+def test_export_cli_writes_each_format_of_the_chosen_step(run_dir, tmp_path, fmt):
+  out = tmp_path / f"w{_SUFFIX[fmt]}"
+  assert _export(f"--workdir={run_dir}", "--step=12", f"--format={fmt}", f"--out={out}") == 0
+  name, model = checkpoint.backbone_from_workdir(run_dir, 12)
+  if fmt == "onnx":
+    ort = pytest.importorskip("onnxruntime")
+    x = images(3, seed=1)
+    got = ort.InferenceSession(str(out)).run(None, {"data": x.transpose(0, 3, 1, 2)})[0]
+    want = np.asarray(model(jnp.asarray(x)))
+    assert got.shape == (3, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    return
+  want = export.torch_state_dict(model)
+  got = _read_weights(fmt, out)
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key].dtype == want[key].dtype and got[key].tobytes() == want[key].tobytes(), key
+  # The file is a backbone the package reads back: same architecture, same embedding.
+  loaded_name, loaded = export.load_params(out)
+  loaded.eval()
+  assert loaded_name == name
+  x = jnp.asarray(images(2, seed=2))
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def _one_line_error(capsys, *names):
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err, err
+  assert all(name in err for name in names), err
+
+
+def test_export_cli_errors_name_the_input_and_exit_2(run_dir, tmp_path, capsys):
+  missing = tmp_path / "no_run"
+  assert _export(f"--workdir={missing}", "--format=npz", f"--out={tmp_path / 'a.npz'}") == 2
+  _one_line_error(capsys, str(missing))
+  assert _export(f"--workdir={run_dir}", "--step=13", "--format=npz",
+                 f"--out={tmp_path / 'a.npz'}") == 2
+  _one_line_error(capsys, str(run_dir), "13")
+  assert _export(f"--params={tmp_path / 'none.pth'}", "--format=npz",
+                 f"--out={tmp_path / 'a.npz'}") == 2
+  _one_line_error(capsys, str(tmp_path / "none.pth"))
+  assert _export(f"--workdir={run_dir}", "--format=torch", f"--out={tmp_path / 'a.npz'}") == 2
+  _one_line_error(capsys, "--format=torch", str(tmp_path / "a.npz"))
+  assert not (tmp_path / "a.npz").exists()
+  with pytest.raises(flags.IllegalFlagValueError, match="params, workdir"):
+    _export(f"--workdir={run_dir}", f"--params={tmp_path / 'w.npz'}", "--format=npz",
+            f"--out={tmp_path / 'a.npz'}")

@@ -11,17 +11,21 @@ r"""Command line evaluation: verification sets, IJB-B/C or MegaFace, from a mode
 Embeddings files (``--features``) are ``.npz`` with ``embeddings`` [N, D] (raw f(x), in the
 order of the .bin images or of the IJB meta files), optionally ``embeddings_flip`` (raw
 f(flip x)) and, for verification, ``issame``. Results go to ``--out``: a table on the
-console, ``<protocol>.json`` and ROC PNGs. On the CPU the run is tuned
+console, ``<protocol>.json`` and ROC PNGs. A missing or unreadable input ends the run with
+one line that names it (exit status 2). On the CPU the run is tuned
 (``unitsface_jax.cpu_tuning``) unless ``--nocpu_tuning`` or ``UNITSFACE_NO_XLA_FLAGS=1``.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
 from unitsface_jax import cpu_tuning
+from unitsface_jax.data.errors import DataError
 from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
 
 FLAGS = flags.FLAGS
@@ -55,6 +59,10 @@ flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.
 cpu_tuning.define_flag()
 
 
+class InputError(Exception):
+  """A model input the run cannot use (weights or a checkpoint of another architecture)."""
+
+
 def load_model_apply_fn(model_name: str | None, params_path: str) -> extract.ApplyFn:
   """A pure apply_fn of the backbone stored in ``params_path`` (.npz/.safetensors/.pth).
 
@@ -64,8 +72,8 @@ def load_model_apply_fn(model_name: str | None, params_path: str) -> extract.App
   from unitsface_jax import export  # pylint: disable=g-import-not-at-top
   try:
     name, model = export.load_params(params_path, model_name)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+  except ValueError as e:
+    raise InputError(str(e)) from e
   logging.info("loaded %s from %s", name, params_path)
   model.eval()
   return extract.nnx_apply_fn(model)
@@ -158,36 +166,46 @@ def run_megaface() -> dict:
   return res
 
 
-def main(argv):
+def _model_apply_fn() -> extract.ApplyFn:
+  if FLAGS.workdir:
+    from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      _, model = checkpoint.backbone_from_workdir(FLAGS.workdir)
+    except ValueError as e:
+      raise InputError(str(e)) from e
+    return extract.nnx_apply_fn(model)
+  if FLAGS.params:
+    return load_model_apply_fn(FLAGS.model, FLAGS.params)
+  raise app.UsageError("pass --workdir (a training run), --params (a model) or --features "
+                       "(precomputed embeddings)")
+
+
+def main(argv) -> int:
   del argv
   # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
   if FLAGS.cpu_tuning:
     cpu_tuning.enable()
   if not FLAGS.data:
     raise app.UsageError("--data is required")
-  apply_fn = None
-  if FLAGS.protocol != "megaface" and not FLAGS.features:
-    if FLAGS.workdir:
-      from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
-      try:
-        _, model = checkpoint.backbone_from_workdir(FLAGS.workdir)
-      except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from e
-      apply_fn = extract.nnx_apply_fn(model)
-    elif FLAGS.params:
-      apply_fn = load_model_apply_fn(FLAGS.model, FLAGS.params)
+  try:
+    apply_fn = None
+    if FLAGS.protocol != "megaface" and not FLAGS.features:
+      apply_fn = _model_apply_fn()
+    if FLAGS.protocol == "verification":
+      res = run_verification(apply_fn)
+    elif FLAGS.protocol == "ijb":
+      res = run_ijb(apply_fn)
     else:
-      raise app.UsageError("pass --workdir (a training run), --params (a model) or --features "
-                           "(precomputed embeddings)")
-  if FLAGS.protocol == "verification":
-    res = run_verification(apply_fn)
-  elif FLAGS.protocol == "ijb":
-    res = run_ijb(apply_fn)
-  else:
-    res = run_megaface()
+      res = run_megaface()
+  except (OSError, InputError, DataError, verification.UnsafePickleError) as e:
+    # A missing or unreadable input: one line that names it, exit status 2 (as the export
+    # command line), instead of a traceback or the flags' help.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   path = report.write_json(FLAGS.out, FLAGS.protocol, res)
   logging.info("wrote %s", path)
   print(f"results: {path}")
+  return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """ONNX export of the inference graph, as insightface's ``torch2onnx.py`` and MFR expect.
 
 One input named ``data`` of shape [N, 3, 112, 112] (N dynamic), already normalised with
-(x - 127.5) / 127.5 outside the graph, no flip inside it, and one output: the 512-d embedding.
-The graph is traced from the project's PyTorch twin (:mod:`.torch_modules`) with the weights
-of the Flax model. Needs the ``[torch]`` extra.
+(x - 127.5) / 127.5 outside the graph, no flip inside it, and one output: the embedding
+(512-d in the published models). The graph is traced from the project's PyTorch twin
+(:mod:`.torch_modules`) with the weights of the Flax model. Needs the ``[torch]`` extra.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def export_onnx(model_name: str, state_dict: dict[str, np.ndarray], out, *,
   import torch  # pylint: disable=g-import-not-at-top
   from unitsface_jax.export import params_io, torch_modules  # pylint: disable=g-import-not-at-top
 
-  net = torch_modules.get_model(model_name, width=params_io.infer_width(state_dict))
+  net = torch_modules.get_model(model_name, width=params_io.infer_width(state_dict),
+                                num_features=params_io.infer_num_features(state_dict))
   net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
                       strict=True)
   net.eval()

@@ -4,7 +4,8 @@ Every format holds the PyTorch-layout state dict of :mod:`unitsface_jax.export.s
 a file written here loads into insightface's models and a file from insightface loads here.
 The architecture is stored with the weights (``__model__`` in .npz, metadata in .safetensors)
 and otherwise inferred from the keys (``fc5`` means LResNet-EIR, the block counts per stage
-give the depth); the trunk's width is always read from the stem's ``conv1.weight``.
+give the depth); the trunk's width is always read from the stem's ``conv1.weight`` and the
+embedding size from the rows of ``fc.weight`` / ``fc5.weight``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def infer_width(state_dict) -> int:
     if key in state_dict:
       return int(np.shape(state_dict[key])[0])
   raise ValueError("cannot infer the width: the state dict has no conv1.weight")
+
+
+def infer_num_features(state_dict) -> int:
+  """The embedding size of a state dict: the outputs of ``fc.weight`` (IResNet) or
+  ``fc5.weight`` (LResNet-EIR)."""
+  for key in ("fc.weight", "fc5.weight", "module.fc.weight", "module.fc5.weight"):
+    if key in state_dict:
+      return int(np.shape(state_dict[key])[0])
+  raise ValueError("cannot infer the embedding size: the state dict has no fc.weight or "
+                   "fc5.weight")
 
 
 def save_params(path, model: nnx.Module, model_name: str) -> None:
@@ -118,6 +129,7 @@ def load_params(path, model_name: str | None = None, *, rngs: nnx.Rngs | None = 
   name = model_name or stored or infer_model_name(state)
   try:
     create_kwargs.setdefault("width", infer_width(state))
+    create_kwargs.setdefault("num_features", infer_num_features(state))
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
   model = models.create(name, rngs=rngs or nnx.Rngs(0), **create_kwargs)
