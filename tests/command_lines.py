@@ -51,3 +51,13 @@ def run_main(module_name: str, *args: str):
     return sys.modules[module_name].main(argv)
   finally:
     FLAGS.unparse_flags()
+
+
+def input_error(capsys, module_name: str, *args: str) -> str:
+  """Runs a command line that must stop on a bad input: exit status 2 and one line on stderr
+  (``error: ...``), which is returned. ``capsys`` is the calling test's fixture."""
+  capsys.readouterr()
+  status = run_main(module_name, *args)
+  err = capsys.readouterr().err.strip()
+  assert status == 2 and err.startswith("error: ") and "\n" not in err, (status, err)
+  return err

@@ -1,7 +1,11 @@
-"""Shared pytest fixtures: where the bundled test data lives."""
+"""Shared pytest setup: where the bundled test data lives, the one CPU device this process
+runs on, Hypothesis's fixed examples, and the slow tests first."""
 
+import os
 import pathlib
+import sys
 
+import hypothesis
 import pytest
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
@@ -18,11 +22,53 @@ def data_dir() -> pathlib.Path:
   return DATA_DIR
 
 
-# Modules whose tests are child-process trainings or benchmarks (a minute or more each):
-# they are collected first, so that `pytest -n 2` starts them on both workers at once and the
-# many short tests fill in around them, instead of the long ones running last on one worker.
-_SLOW_MODULES = ("test_train.py", "test_benchmarks.py")
-
-
+# Tests marked slow (child-process trainings, benchmarks, multi-device runs) are collected
+# first, so that `pytest -n 2` starts them on both workers at once and the many short tests
+# fill in around them, instead of the long ones running last on one worker.
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# The same examples on every run and machine: a failure is reproduced by running the test
+# again, and no example depends on what an earlier run saved (no example database).
+hypothesis.settings.register_profile("unitsface", derandomize=True, deadline=None,
+                                     database=None)
+hypothesis.settings.load_profile("unitsface")
+
+
+# The tests here assume one CPU device (batches of 4 over `parallel.make_mesh()`, results
+# compared with one device's); the tests that need more start processes with their own
+# XLA_FLAGS. Pinned before JAX starts, so neither a GPU nor a device count in the caller's
+# XLA_FLAGS changes what they test, and checked once it has. A session of only
+# tests/multidevice (which tests/test_head.py starts with 8 devices) sets its own count.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _multidevice_session(config) -> bool:
+  paths = [pathlib.Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+           for arg in config.args]
+  return bool(paths) and all(p.is_relative_to(TESTS_DIR / "multidevice") for p in paths)
+
+
+def pytest_configure(config):
+  if _multidevice_session(config) or "jax" in sys.modules:
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(_DEVICE_COUNT_FLAG)]
+  if kept:
+    os.environ["XLA_FLAGS"] = " ".join(kept)
+  else:
+    os.environ.pop("XLA_FLAGS", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_device(request):
+  if _multidevice_session(request.config):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  assert len(devices) == 1 and devices[0].platform == "cpu", (
+      f"the tests in {TESTS_DIR} assume one CPU device, and JAX has {devices}: it started "
+      "before tests/conftest.py could pin JAX_PLATFORMS=cpu and drop "
+      f"{_DEVICE_COUNT_FLAG} from XLA_FLAGS (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")

@@ -18,6 +18,8 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="the [torch] extra is not installed")
+# Each runs a benchmark script in a child process.
+pytestmark = pytest.mark.slow
 
 
 def _run(script: str, *args: str, compare_torch: bool = True) -> dict:

@@ -4,6 +4,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import demo
 from unitsface_jax import checkpoint
@@ -47,6 +48,7 @@ def test_keeps_only_the_latest_k(tmp_path):
                 if p.name.isdigit()) == [2, 3]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_by_commit_1e53a79_resumes_to_the_same_losses(data_dir, tmp_path):
   """The layout and the meaning of every saved array are stable: the step-12 checkpoint of
   an older version of the package (tests/data/checkpoint_v0/README.md) resumes, and steps

@@ -68,6 +68,7 @@ def run_main(*args):
     ("--config.optimizer.lr=-1.0", "config.optimizer.lr"),
     ("--config.loss.s2c=uce", "config.loss.s2c"),
 ])
+@pytest.mark.slow
 def test_main_refuses_unknown_ill_typed_and_bad_fields(tmp_path, override, needle):
   proc = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", override)
   assert proc.returncode != 0

@@ -73,6 +73,7 @@ def _probe(*entry_points, enable=None, **env_changes):
     ("unitsface_jax.evaluate", None),
     ("unitsface_jax.export.__main__", None),
 ])
+@pytest.mark.slow
 def test_importing_the_package_changes_nothing(entry_point, user_flags):
   env = {} if user_flags is None else {"XLA_FLAGS": user_flags}
   result = _probe("ALL", entry_point, **env)
@@ -82,6 +83,7 @@ def test_importing_the_package_changes_nothing(entry_point, user_flags):
   assert not result["custom_vjp"]  # XLA's own gradients for the strided convolution
 
 
+@pytest.mark.slow
 def test_enable_after_importing_everything_tunes_jax():
   # A flag with a visible effect (the device count) shows that what enable() adds after every
   # module is imported still reaches XLA; the real flag is checked to be there and accepted.
@@ -96,6 +98,7 @@ def test_enable_after_importing_everything_tunes_jax():
   assert result["custom_vjp"]
 
 
+@pytest.mark.slow
 def test_enable_keeps_user_flags_first():
   user = "--xla_force_host_platform_device_count=2"
   result = _probe("unitsface_jax.main", enable=[], XLA_FLAGS=user)
@@ -104,6 +107,7 @@ def test_enable_keeps_user_flags_first():
   assert result["custom_vjp"]
 
 
+@pytest.mark.slow
 def test_environment_switch_makes_enable_do_nothing():
   user = "--xla_force_host_platform_device_count=2"
   result = _probe("unitsface_jax.main", enable=[],
@@ -130,11 +134,13 @@ _FAILING_RUNS = {
 
 
 @pytest.mark.parametrize("module", sorted(_FAILING_RUNS))
+@pytest.mark.slow
 def test_command_lines_enable_the_tuning_first(module):
   args = _FAILING_RUNS[module]
   assert f"CPU tuning: XLA_FLAGS += {YNN_FLAG}" in _entry_point_stderr(module, *args)
 
 
+@pytest.mark.slow
 def test_command_line_switches_turn_the_tuning_off():
   args = _FAILING_RUNS["unitsface_jax.main"]
   assert "CPU tuning" not in _entry_point_stderr("unitsface_jax.main", *args, "--nocpu_tuning")

@@ -42,6 +42,7 @@ def test_make_source_auto_detects(data_dir):
     sources.make_source("lmdb", data_dir)
 
 
+@pytest.mark.slow
 def test_prepare_cli_recordio_to_array_record_round_trip(data_dir, tmp_path):
   """python -m unitsface_jax.data.prepare: same JPEG bytes and labels, in source order."""
   out = tmp_path / "tfds"
@@ -67,6 +68,7 @@ def test_prepare_image_folder_reencodes_pgm(data_dir, tmp_path):
   assert image.shape == (112, 92, 3)
 
 
+@pytest.mark.slow
 def test_prepare_skips_bad_records_and_pipeline_reads_the_result(tmp_path):
   from unitsface_jax.data import pipeline, prepare, recordio  # pylint: disable=g-import-not-at-top
   good = simplejpeg.encode_jpeg(np.full((112, 112, 3), 50, np.uint8))

@@ -88,6 +88,7 @@ def test_plain_function_iterable_input_and_noflip():
     extract.extract_raw(apply_fn, iter(chunks), num_images=12, batch_size=4, progress=False)
 
 
+@pytest.mark.slow
 def test_batches_are_sharded_over_four_devices(tmp_path):
   """In a fresh process with 4 host devices: same embeddings, batch laid over all devices."""
   script = textwrap.dedent("""

@@ -46,11 +46,8 @@ def _evaluate(*args):
 
 
 def _fails_naming(capsys, name, *args):
-  """Runs the command line expecting exit status 2 and one line on stderr naming ``name``."""
-  capsys.readouterr()
-  assert _evaluate(*args) == 2, args
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("error: ") and "\n" not in err and str(name) in err, err
+  """The command line stops on a bad input with one line that names ``name``."""
+  assert str(name) in command_lines.input_error(capsys, "unitsface_jax.evaluate", *args), args
 
 
 def test_cli_verification_and_ijb_from_features(data_dir, tmp_path, capsys):
@@ -109,6 +106,7 @@ def test_cli_params_path_runs_a_real_backbone(data_dir, tmp_path, capsys):
                 f"--params={tmp_path / 'nope.npz'}", f"--out={out}")
 
 
+@pytest.mark.slow
 def test_python_m_exits_2_with_the_one_line_error(tmp_path):
   """``python -m unitsface_jax.evaluate`` passes main's status to the shell."""
   proc = _run_cli("--protocol=verification", f"--data={tmp_path / 'lfw.bin'}",

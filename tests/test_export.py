@@ -171,8 +171,11 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path):
 
 # ------------------------------------------------------------------ the export command line
 
+EXPORT = "unitsface_jax.export.__main__"
+
+
 def _export(*args):
-  return command_lines.run_main("unitsface_jax.export.__main__", *args)
+  return command_lines.run_main(EXPORT, *args)
 
 
 @pytest.fixture(scope="module")
@@ -203,20 +206,6 @@ def _saved(workdir, step, *path):
   return np.asarray(tree)
 
 
-def test_export_cli_step_reads_that_checkpoint_and_default_the_latest(run_dir, tmp_path):
-  assert _export(f"--workdir={run_dir}", "--step=12", "--format=npz",
-                 f"--out={tmp_path / 'at12.npz'}") == 0
-  assert _export(f"--workdir={run_dir}", "--format=npz", f"--out={tmp_path / 'latest.npz'}") == 0
-  at12, latest = np.load(tmp_path / "at12.npz"), np.load(tmp_path / "latest.npz")
-  # conv1.weight (OIHW) is the saved HWIO stem kernel; features.* the embedding BN statistics.
-  for weights, step in ((at12, 12), (latest, 20)):
-    kernel = _saved(run_dir, step, "params", "backbone", "conv1", "kernel", "value")
-    np.testing.assert_array_equal(weights["conv1.weight"], kernel.transpose(3, 2, 0, 1))
-    np.testing.assert_array_equal(weights["features.running_var"],
-                                  _saved(run_dir, step, "model_state", "features", "var", "value"))
-    assert str(weights["__model__"]) == "iresnet18" and weights["fc.weight"].shape[0] == 32
-
-
 _SUFFIX = {"npz": ".npz", "safetensors": ".safetensors", "torch": ".pth", "onnx": ".onnx"}
 
 
@@ -229,6 +218,26 @@ def _read_weights(fmt, path):
     from safetensors.numpy import load_file
     return load_file(path)
   return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+
+def test_export_cli_step_reads_that_checkpoint_and_default_the_latest(run_dir, tmp_path):
+  assert _export(f"--workdir={run_dir}", "--step=12", "--format=npz",
+                 f"--out={tmp_path / 'at12.npz'}") == 0
+  assert _export(f"--workdir={run_dir}", "--format=npz", f"--out={tmp_path / 'latest.npz'}") == 0
+  at12, latest = np.load(tmp_path / "at12.npz"), np.load(tmp_path / "latest.npz")
+  # conv1.weight (OIHW) is the saved HWIO stem kernel; features.* the embedding BN statistics.
+  for weights, step in ((at12, 12), (latest, 20)):
+    kernel = _saved(run_dir, step, "params", "backbone", "conv1", "kernel", "value")
+    np.testing.assert_array_equal(weights["conv1.weight"], kernel.transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(weights["features.running_var"],
+                                  _saved(run_dir, step, "model_state", "features", "var", "value"))
+    assert str(weights["__model__"]) == "iresnet18" and weights["fc.weight"].shape[0] == 32
+  # --params converts a weight file: the step-12 .npz as .safetensors holds the same tensors.
+  assert _export(f"--params={tmp_path / 'at12.npz'}", "--format=safetensors",
+                 f"--out={tmp_path / 'at12.safetensors'}") == 0
+  converted = _read_weights("safetensors", tmp_path / "at12.safetensors")
+  assert converted.keys() == set(at12.files) - {"__model__"}
+  assert all(converted[k].tobytes() == at12[k].tobytes() for k in converted)
 
 
 @pytest.mark.parametrize("fmt", sorted(_SUFFIX))
@@ -257,24 +266,18 @@ def test_export_cli_writes_each_format_of_the_chosen_step(run_dir, tmp_path, fmt
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
 
 
-def _one_line_error(capsys, *names):
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("error: ") and "\n" not in err, err
-  assert all(name in err for name in names), err
-
-
 def test_export_cli_errors_name_the_input_and_exit_2(run_dir, tmp_path, capsys):
+  out = f"--out={tmp_path / 'a.npz'}"
   missing = tmp_path / "no_run"
-  assert _export(f"--workdir={missing}", "--format=npz", f"--out={tmp_path / 'a.npz'}") == 2
-  _one_line_error(capsys, str(missing))
-  assert _export(f"--workdir={run_dir}", "--step=13", "--format=npz",
-                 f"--out={tmp_path / 'a.npz'}") == 2
-  _one_line_error(capsys, str(run_dir), "13")
-  assert _export(f"--params={tmp_path / 'none.pth'}", "--format=npz",
-                 f"--out={tmp_path / 'a.npz'}") == 2
-  _one_line_error(capsys, str(tmp_path / "none.pth"))
-  assert _export(f"--workdir={run_dir}", "--format=torch", f"--out={tmp_path / 'a.npz'}") == 2
-  _one_line_error(capsys, "--format=torch", str(tmp_path / "a.npz"))
+  assert str(missing) in command_lines.input_error(capsys, EXPORT, f"--workdir={missing}",
+                                                   "--format=npz", out)
+  err = command_lines.input_error(capsys, EXPORT, f"--workdir={run_dir}", "--step=13",
+                                  "--format=npz", out)
+  assert str(run_dir / "checkpoints" / "13") in err
+  assert str(tmp_path / "none.pth") in command_lines.input_error(
+      capsys, EXPORT, f"--params={tmp_path / 'none.pth'}", "--format=npz", out)
+  err = command_lines.input_error(capsys, EXPORT, f"--workdir={run_dir}", "--format=torch", out)
+  assert "--format=torch" in err and str(tmp_path / "a.npz") in err
   assert not (tmp_path / "a.npz").exists()
   with pytest.raises(flags.IllegalFlagValueError, match="params, workdir"):
     _export(f"--workdir={run_dir}", f"--params={tmp_path / 'w.npz'}", "--format=npz",

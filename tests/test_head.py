@@ -43,6 +43,7 @@ def _env(devices):
   return env
 
 
+@pytest.mark.slow
 def test_sharded_head_tests_pass_on_8_devices(tmp_path):
   """tests/multidevice on 8 simulated devices: every test runs and passes, none skipped."""
   report = tmp_path / "report.xml"
@@ -70,6 +71,7 @@ def _topology(results):
   return json.loads(results.with_suffix(".json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
   """jax.distributed on 127.0.0.1: same losses, gradients and new state as 1 × 4 devices."""
   port = _free_port()

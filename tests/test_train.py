@@ -26,6 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "train_run.py"
 SMOKE = "--config=configs/demo.py:smoke"
 
+# Trainings, most in child processes: seconds to minutes each (tests/conftest.py starts them
+# first).
+pytestmark = pytest.mark.slow
+
 
 # One compilation cache for every run of this module: the runs compile the same few programs
 # (the smoke step on 1, 2 and 4 devices), and a cached executable is the same program, so
