@@ -46,8 +46,11 @@ def _evaluate(*args):
 
 
 def _fails_naming(capsys, name, *args):
-  """The command line stops on a bad input with one line that names ``name``."""
-  assert str(name) in command_lines.input_error(capsys, "unitsface_jax.evaluate", *args), args
+  """The command line stops on a bad input: exit status 2, one line on stderr naming
+  ``name``."""
+  status, err = command_lines.run_main_stderr(capsys, "unitsface_jax.evaluate", *args)
+  assert status == 2 and err.startswith("error: ") and "\n" not in err, (args, status, err)
+  assert str(name) in err, (args, err)
 
 
 def test_cli_verification_and_ijb_from_features(data_dir, tmp_path, capsys):

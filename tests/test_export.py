@@ -178,6 +178,13 @@ def _export(*args):
   return command_lines.run_main(EXPORT, *args)
 
 
+def _input_error(capsys, *args):
+  """The export command line stops on a bad input: exit status 2, one line on stderr."""
+  status, err = command_lines.run_main_stderr(capsys, EXPORT, *args)
+  assert status == 2 and err.startswith("error: ") and "\n" not in err, (status, err)
+  return err
+
+
 @pytest.fixture(scope="module")
 def run_dir(data_dir, tmp_path_factory):
   """A run with checkpoints 12 (tests/data/checkpoint_v0: IResNet-18 at width 4 with a 32-d
@@ -269,14 +276,12 @@ def test_export_cli_writes_each_format_of_the_chosen_step(run_dir, tmp_path, fmt
 def test_export_cli_errors_name_the_input_and_exit_2(run_dir, tmp_path, capsys):
   out = f"--out={tmp_path / 'a.npz'}"
   missing = tmp_path / "no_run"
-  assert str(missing) in command_lines.input_error(capsys, EXPORT, f"--workdir={missing}",
-                                                   "--format=npz", out)
-  err = command_lines.input_error(capsys, EXPORT, f"--workdir={run_dir}", "--step=13",
-                                  "--format=npz", out)
+  assert str(missing) in _input_error(capsys, f"--workdir={missing}", "--format=npz", out)
+  err = _input_error(capsys, f"--workdir={run_dir}", "--step=13", "--format=npz", out)
   assert str(run_dir / "checkpoints" / "13") in err
-  assert str(tmp_path / "none.pth") in command_lines.input_error(
-      capsys, EXPORT, f"--params={tmp_path / 'none.pth'}", "--format=npz", out)
-  err = command_lines.input_error(capsys, EXPORT, f"--workdir={run_dir}", "--format=torch", out)
+  err = _input_error(capsys, f"--params={tmp_path / 'none.pth'}", "--format=npz", out)
+  assert str(tmp_path / "none.pth") in err
+  err = _input_error(capsys, f"--workdir={run_dir}", "--format=torch", out)
   assert "--format=torch" in err and str(tmp_path / "a.npz") in err
   assert not (tmp_path / "a.npz").exists()
   with pytest.raises(flags.IllegalFlagValueError, match="params, workdir"):
