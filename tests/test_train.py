@@ -204,15 +204,21 @@ def run_two_processes(workdir, port, *flags, env, process_flags=((), ()), timeou
     for p in procs:
       p.wait(timeout=max(1, deadline - time.time()))
   except subprocess.TimeoutExpired:
-    pytest.fail(f"a process of the two-process run did not finish in {timeout} s")
+    pass
   finally:
+    hung = [p.poll() is None for p in procs]
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
   for log in logs:
     log.seek(0)
-  return [(p.returncode, log.read()) for p, log in zip(procs, logs)]
+  results = [(p.returncode, log.read()) for p, log in zip(procs, logs)]
+  if any(hung):  # e.g. one process stopped and the other waits for it in a collective
+    pytest.fail(f"processes {[i for i, h in enumerate(hung) if h]} of the two-process run did "
+                f"not finish in {timeout} s:\n" +
+                "\n".join(f"[process {i}] ...{err[-2000:]}" for i, (_, err) in enumerate(results)))
+  return results
 
 
 def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_port):
