@@ -92,4 +92,12 @@ def get_config(arg=None):
   config.eval.every_steps = 2000  # 0 disables
   config.eval.before_training = False  # also evaluate the initial weights (a fresh run only)
   config.eval.batch_size = 64
+
+  # Drills, for tests and for rehearsing a cluster's preemption: after step N (> 0; 0 is off)
+  # each process sends itself ``signal`` once, when its pending checkpoint saves are on disk.
+  # SIGTERM takes the preemption path (save at the next step boundary, with several
+  # processes the next log step, and exit 0); SIGKILL is a crash that saves nothing.
+  config.debug = ml_collections.ConfigDict()
+  config.debug.signal_after_step = 0
+  config.debug.signal = "SIGTERM"  # SIGTERM | SIGKILL
   return config

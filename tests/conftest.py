@@ -1,8 +1,9 @@
 """Shared pytest setup: where the bundled test data lives, the one CPU device this process
-runs on, Hypothesis's fixed examples, and the slow tests first."""
+runs on, ports for jax.distributed, Hypothesis's fixed examples, and the slow tests first."""
 
 import os
 import pathlib
+import socket
 import sys
 
 import hypothesis
@@ -20,6 +21,30 @@ collect_ignore = ["multidevice"]
 def data_dir() -> pathlib.Path:
   """The repository's own copy of the test data (present on a fresh clone)."""
   return DATA_DIR
+
+
+@pytest.fixture
+def free_port():
+  """A function that returns a free 127.0.0.1 port, held for this test until it ends.
+
+  A port found by binding port 0 and closing is free for anyone (every outgoing connection
+  takes an ephemeral port from the same range) until the coordinator binds it, seconds later
+  in a child process. So the socket stays bound, with SO_REUSEPORT: the kernel gives the port
+  to no one else, and jax.distributed's gRPC coordinator, which sets SO_REUSEPORT too, binds
+  it beside ours; ours does not listen, so every connection goes to the coordinator.
+  """
+  held = []
+
+  def take() -> int:
+    s = socket.socket()
+    held.append(s)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+  yield take
+  for s in held:
+    s.close()
 
 
 # Tests marked slow (child-process trainings, benchmarks, multi-device runs) are collected

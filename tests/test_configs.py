@@ -46,6 +46,8 @@ def test_official_casia_recipe_values():
     # Loss functions that exist but that the class-sharded head does not run.
     ("loss.s2c", "normalized_bce", "config.loss.s2c = 'normalized_bce': must be one of"),
     ("loss.s2c", "uce", "config.loss.s2c = 'uce'"),
+    ("debug.signal_after_step", -1, "config.debug.signal_after_step = -1"),
+    ("debug.signal", "SIGINT", "config.debug.signal = 'SIGINT': must be one of"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   from configs import demo

@@ -9,7 +9,6 @@ pytest session has already started JAX with one device: they live in ``tests/mul
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 from xml.etree import ElementTree
@@ -61,20 +60,14 @@ def test_sharded_head_tests_pass_on_8_devices(tmp_path):
   assert counts == dict(tests=SHARDED_TESTS, failures=0, errors=0, skipped=0), output
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _topology(results):
   return json.loads(results.with_suffix(".json").read_text())
 
 
 @pytest.mark.slow
-def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
+def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, free_port):
   """jax.distributed on 127.0.0.1: same losses, gradients and new state as 1 × 4 devices."""
-  port = _free_port()
+  port = free_port()
   dist_out = tmp_path / "two_processes.npz"
   procs = [subprocess.Popen([sys.executable, str(SCENARIOS), "distributed", str(port), str(i),
                              "2", str(dist_out)], env=_env(2), stdout=subprocess.PIPE,

@@ -9,7 +9,6 @@ import atexit
 import json
 import os
 import pathlib
-import random
 import shutil
 import signal
 import socket
@@ -105,18 +104,6 @@ def saved_state(workdir, step):
   return flat
 
 
-def wait_for_checkpoint(proc, workdir, at_least, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if any(s >= at_least for s in steps(workdir)):
-      return
-    if proc.poll() is not None:
-      pytest.fail(f"run ended before checkpoint {at_least}: {proc.stderr.read()[-3000:]}")
-    time.sleep(0.2)
-  proc.kill()
-  pytest.fail(f"no checkpoint >= {at_least} in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted one-device smoke run."""
@@ -159,25 +146,23 @@ def test_export_from_workdir_equals_the_checkpoint(reference, tmp_path):
 
 
 def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
+  """Preempted, crashed, resumed: the state and every step's loss are bitwise those of the
+  uninterrupted run. The drill (config.debug) has the run signal itself at a chosen step."""
   workdir = tmp_path / "interrupted"
-  rng = random.Random(0)
-  # SIGTERM (preemption) after the first checkpoint: saves where it is and exits 0.
-  proc = start(1, workdir)
-  wait_for_checkpoint(proc, workdir, 4)
-  time.sleep(rng.uniform(0, 2))
-  proc.send_signal(signal.SIGTERM)
-  proc.communicate(timeout=300)
-  assert proc.returncode == 0
-  first = steps(workdir)
-  assert first and max(first) < 16
-  # SIGKILL at a random moment after the next checkpoint: nothing is saved on the way out.
-  proc = start(1, workdir)
-  wait_for_checkpoint(proc, workdir, max(first) + 1)
-  time.sleep(rng.uniform(0, 3))
-  proc.kill()
-  proc.communicate()
-  ok(run(1, workdir))
-  assert steps(workdir)[-1] == 16
+  # SIGTERM after step 6, between the checkpoints at 4 and 8: saves 6 and exits 0.
+  proc = ok(run(1, workdir, "--config.debug.signal_after_step=6"))
+  assert "preemption requested: saving step 6 and stopping" in proc.stderr
+  assert steps(workdir) == [4, 6] and max(metrics(workdir)) == 6
+  # SIGKILL after step 14: steps 13 and 14 are lost, checkpoint 12 is the latest.
+  proc = run(1, workdir, "--config.debug.signal_after_step=14", "--config.debug.signal=SIGKILL")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
+  assert "resumed from step 6" in proc.stderr
+  assert steps(workdir) == [6, 8, 12] and max(metrics(workdir)) == 14
+  proc = ok(run(1, workdir))
+  assert "resumed from step 12" in proc.stderr and steps(workdir) == [8, 12, 16]
+  want, got = metrics(reference), metrics(workdir)
+  assert {s: (m["loss"], m["data_fingerprint"]) for s, m in got.items()} == {
+      s: (m["loss"], m["data_fingerprint"]) for s, m in want.items()}
   want, got = saved_state(reference, 16), saved_state(workdir, 16)
   assert want.keys() == got.keys()
   different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
@@ -207,40 +192,77 @@ def test_resume_on_other_device_counts_keeps_step_and_data_order(tmp_path):
   np.testing.assert_allclose(losses[2][0], losses[8][0], rtol=1e-4)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(tmp_path):
-  # 8 steps, USS from step 5. The two runs agree to 1e-5 only if they reduce in the same
-  # order: both use jax.distributed's gloo collectives, XLA's default convolutions, full width.
-  flags = ["--config.data.max_examples=32", "--config.checkpoint_every_steps=4",
-           "--config.model.width=64"]
-  env = _env(UNITSFACE_NO_XLA_FLAGS="1")
-  one = tmp_path / "one"
-  ok(run(4, one, *flags, f"--coordinator_address=127.0.0.1:{_free_port()}",
-         "--num_processes=1", "--process_id=0", env=env))
-  two = tmp_path / "two"
-  port = _free_port()
-  procs = [start(2, two, *flags, f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
-  deadline = time.time() + 600
+def run_two_processes(workdir, port, *flags, env, process_flags=((), ()), timeout=600):
+  """One run of two processes of two devices each (jax.distributed on 127.0.0.1:``port``),
+  ``process_flags[i]`` added for process i. Returns each process's (returncode, stderr)."""
+  # stderr goes to files: a pipe that fills would stall a process, and the other with it in
+  # the next collective.
+  logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, str(RUN), "2", SMOKE, f"--workdir={workdir}", *flags, *process_flags[i],
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[i], text=True)
+           for i in range(2)]
+  deadline = time.time() + timeout
   try:
     for p in procs:
       p.wait(timeout=max(1, deadline - time.time()))
   except subprocess.TimeoutExpired:
-    pytest.fail("a process of the two-process run did not finish in 600 s")
+    pass
   finally:
+    hung = [p.poll() is None for p in procs]
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p in procs:
-    assert p.returncode == 0, p.stderr.read()[-4000:]
+        p.wait()
+  for log in logs:
+    log.seek(0)
+  results = [(p.returncode, log.read()) for p, log in zip(procs, logs)]
+  if any(hung):  # e.g. one process stopped and the other waits for it in a collective
+    pytest.fail(f"processes {[i for i, h in enumerate(hung) if h]} of the two-process run did "
+                f"not finish in {timeout} s:\n" +
+                "\n".join(f"[process {i}] ...{err[-2000:]}" for i, (_, err) in enumerate(results)))
+  return results
+
+
+def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_port):
+  # 8 steps, USS from step 5. The two runs agree to 1e-5 only if they reduce in the same
+  # order: both use jax.distributed's gloo collectives, XLA's default convolutions, full width.
+  flags = ["--config.data.max_examples=32", "--config.checkpoint_every_steps=4",
+           "--config.model.width=64", "--config.log_every_steps=2"]
+  env = _env(UNITSFACE_NO_XLA_FLAGS="1")
+  one = tmp_path / "one"
+  ok(run(4, one, *flags, f"--coordinator_address=127.0.0.1:{free_port()}",
+         "--num_processes=1", "--process_id=0", env=env))
+  two = tmp_path / "two"
+  # SIGTERM reaches process 1 only, after step 5 (neither a log nor a checkpoint step): the
+  # processes agree at the next log step, 6, where both save and exit 0.
+  first = run_two_processes(two, free_port(), *flags, env=env,
+                            process_flags=((), ["--config.debug.signal_after_step=5"]))
+  for returncode, stderr in first:
+    assert returncode == 0, stderr[-4000:]
+    assert "preemption requested: saving step 6 and stopping" in stderr, stderr[-4000:]
+  assert steps(two) == [4, 6]
+  for returncode, stderr in run_two_processes(two, free_port(), *flags, env=env):
+    assert returncode == 0, stderr[-4000:]
+    assert "resumed from step 6" in stderr, stderr[-4000:]
   a, b = metrics(one), metrics(two)
-  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert sorted(a) == sorted(b) == [2, 4, 6, 8]
+  assert [b[s]["data_fingerprint"] for s in a] == [a[s]["data_fingerprint"] for s in a]
   np.testing.assert_allclose([b[s]["loss"] for s in a], [a[s]["loss"] for s in a], rtol=1e-5)
+
+
+def test_free_port_is_held_for_the_coordinator_alone(free_port):
+  port = free_port()
+  with socket.socket() as other, pytest.raises(OSError, match="in use"):  # no one else's ...
+    other.bind(("127.0.0.1", port))
+  with socket.socket() as server:  # ... but a coordinator (SO_REUSEPORT) binds it and serves
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen()
+    server.settimeout(10)
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+      server.accept()[0].close()
 
 
 def test_nan_guard_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):

@@ -19,6 +19,7 @@ SCHEDULES = ("multistep", "polynomial")
 SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
 BN_STATS = ("global", "per_device")
 HEAD_DTYPES = ("float32", "bfloat16")
+DRILL_SIGNALS = ("SIGTERM", "SIGKILL")
 
 
 class ConfigError(ValueError):
@@ -83,3 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "must be >= 1")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(c[field] >= 1, field, c[field], "must be >= 1")
+  _require(c.debug.signal_after_step >= 0, "debug.signal_after_step",
+           c.debug.signal_after_step, "must be >= 0 (0: off)")
+  _require(c.debug.signal in DRILL_SIGNALS, "debug.signal", c.debug.signal,
+           f"must be one of {DRILL_SIGNALS}")

@@ -337,6 +337,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
         last.update(results)
       if save_now or epoch_end:
         ckpt.save(done, state, data_iterator=data, config=config, force=epoch_end)
+      if done == config.debug.signal_after_step:
+        # The drill (configs/default.py, "debug"): a preemption or crash at a known step. The
+        # saves finish first, so what the signal finds on disk is the same on any machine;
+        # raise_signal runs the Python handler (``_Preemption``'s) before it returns.
+        ckpt.wait()
+        signal.raise_signal(getattr(signal, config.debug.signal))
       if preemption.reached(done, sync_now=log_now):
         logging.warning("preemption requested: saving step %d and stopping", done)
         _check_finite(state, done)
