@@ -3,9 +3,9 @@
 Runs are in process (but the 2-device one) on the tiny trunk (IResNet-18 at width 4, 32-d
 embeddings) over the first 16 demo images (2 identities): batch 8, 2 steps an epoch, 4 steps
 (CosFace alone in epoch 0, + USS in epoch 1), checkpoints every 2 steps, dropout 0.4 as in the
-default recipe. Runs of one configuration
-compile the same programs, so this module keeps JAX's persistent compilation cache in a
-temporary folder: a cached executable is the same program, so results stay bitwise comparable.
+default recipe. Runs of one configuration compile the same programs, so this module keeps
+JAX's persistent compilation cache in a temporary folder: a cached executable is the same
+program, so results stay bitwise comparable.
 """
 
 import json
