@@ -106,9 +106,9 @@ def saved_state(workdir, step):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """An uninterrupted one-device smoke run."""
+  """An uninterrupted one-device smoke run that evaluates the demo pairs after step 16."""
   workdir = tmp_path_factory.mktemp("reference")
-  ok(run(1, workdir))
+  ok(run(1, workdir, "--config.eval.every_steps=16"))
   return workdir
 
 
@@ -322,11 +322,15 @@ def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "unitsface_jax.evaluate",
                          "--protocol=verification", f"--workdir={reference}",
                          f"--data={demo.demo_bin_path()}", f"--out={tmp_path}",
-                         "--batch_size=32"], cwd=ROOT, env=_env(), capture_output=True,
+                         "--batch_size=64"], cwd=ROOT, env=_env(), capture_output=True,
                         text=True, timeout=600)
   ok(proc)
   result = json.loads((tmp_path / "verification.json").read_text())["orl_val"]
-  assert 0.5 <= result["accuracy"] <= 1.0 and "orl_val" in proc.stdout
+  # What the run logged for its step 16 (the same batch size: config.eval.batch_size).
+  logged = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+  during = {m["step"]: m["eval/orl_val/accuracy"] for m in logged
+            if "eval/orl_val/accuracy" in m}
+  assert result["accuracy"] == during[16] and "orl_val" in proc.stdout
 
 
 def test_compilation_cache_goes_to_the_workdir_unless_one_is_set(tmp_path):

@@ -69,6 +69,19 @@ def make_source(config: ml_collections.ConfigDict):
   return source
 
 
+def make_data_iterator(config: ml_collections.ConfigDict,
+                       source) -> pipeline_lib.PipelineIterator:
+  """This process's share of every global batch, as the training loop reads it: uint8 images
+  and the flip coins, mirrored and normalised in the train step (``config.data`` sets the
+  workers, read threads and bad-record policy)."""
+  return pipeline_lib.PipelineIterator(
+      source, pipeline_lib.PipelineConfig(
+          batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+          worker_count=config.data.num_workers, read_threads=config.data.read_threads,
+          skip_bad_records=config.data.skip_bad_records, normalize=False, defer_flip=True),
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
   return head_lib.HeadConfig(
       num_classes=config.data.num_classes, embedding_dim=config.model.num_features,
@@ -262,16 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   if source.num_classes != config.data.num_classes:
     raise ValueError(f"config.data.num_classes = {config.data.num_classes} but the source "
                      f"has {source.num_classes} classes")
-  local_batch = config.batch_size // n_proc
   steps_per_epoch = pipeline_lib.steps_per_epoch(len(source), config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
-  data = pipeline_lib.PipelineIterator(
-      source, pipeline_lib.PipelineConfig(
-          batch_size=local_batch, seed=config.seed, worker_count=config.data.num_workers,
-          read_threads=config.data.read_threads,
-          skip_bad_records=config.data.skip_bad_records,
-          normalize=False, defer_flip=True),
-      process_index=jax.process_index(), process_count=n_proc)
+  data = make_data_iterator(config, source)
 
   # ---------------------------------------------------------------- model, head, optimiser
   # With gradient accumulation the schedule counts optimiser updates, one per
