@@ -30,6 +30,9 @@ from unitsface_jax import checkpoint, head, optim, parallel, train
 from unitsface_jax.data import DataError, demo, pixels, prepare, sources
 from unitsface_jax.evaluation import extract, verification
 
+# Every test here trains (in this process or a child): collected first, like the other trainings.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
