@@ -252,6 +252,7 @@ def largest(tensors):
   return max(np.max(np.abs(t)) for t in tensors)
 
 
+@pytest.mark.slow
 def test_three_steps_match_an_independent_pytorch_step():
   config = step_config()
   mesh = parallel.make_mesh(1)
