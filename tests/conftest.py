@@ -1,16 +1,20 @@
 """Shared pytest setup: where the bundled test data lives, the one CPU device this process
-runs on, ports for jax.distributed, Hypothesis's fixed examples, and the slow tests first."""
+runs on, ports for jax.distributed, the runner of tests/multidevice, Hypothesis's fixed
+examples, and the slow tests first."""
 
 import os
 import pathlib
 import socket
+import subprocess
 import sys
+from xml.etree import ElementTree
 
 import hypothesis
 import pytest
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
+MULTIDEVICE_DIR = TESTS_DIR / "multidevice"
 
 # Tests that need 8 simulated devices, set before JAX starts: tests/test_head.py runs them in
 # their own process (``python -m pytest tests/multidevice``, where this list does not apply).
@@ -97,3 +101,30 @@ def one_cpu_device(request):
       f"the tests in {TESTS_DIR} assume one CPU device, and JAX has {devices}: it started "
       "before tests/conftest.py could pin JAX_PLATFORMS=cpu and drop "
       f"{_DEVICE_COUNT_FLAG} from XLA_FLAGS (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+
+
+@pytest.fixture
+def multidevice_pytest(tmp_path):
+  """``run(name, expected, timeout=..., xla_flags=())`` runs ``tests/multidevice/<name>`` in
+  a child pytest with 8 simulated CPU devices and asserts that it passed with exactly
+  ``expected`` tests, none failed, errored or skipped."""
+  def run(name, expected, *, timeout, xla_flags=()):
+    report = tmp_path / f"{name}.xml"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+        ("--xla_force_host_platform_device_count=8", *xla_flags)))
+    env.pop("JAX_ENABLE_X64", None)
+    env.pop("PYTEST_ADDOPTS", None)  # options meant for this session (-k, -x) would cut the run
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+         str(MULTIDEVICE_DIR / name)],
+        cwd=TESTS_DIR.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    # The first failure in full and the summary of all (one bug can fail dozens).
+    out = proc.stdout if len(proc.stdout) < 16000 else (
+        f"{proc.stdout[:8000]}\n[...]\n{proc.stdout[-8000:]}")
+    output = f"{out}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, output  # exit 5, no tests collected, fails here too
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts == dict(tests=expected, failures=0, errors=0, skipped=0), output
+
+  return run

@@ -9,6 +9,9 @@ import pytest
 from configs import demo
 from unitsface_jax import checkpoint
 
+# tests/multidevice/test_restore.py: the scenario, 3 restoring counts x 4 checks, the error.
+RESTORE_TESTS = 1 + 3 * 4 + 1
+
 
 def make_iterator():
   return iter(grain.MapDataset.range(50).shuffle(seed=3).batch(4).to_iter_dataset())
@@ -75,3 +78,14 @@ def test_a_checkpoint_written_by_commit_1e53a79_resumes_to_the_same_losses(data_
     for name in ("loss", "s2c", "s2s", "threshold_t", "grad_norm"):
       np.testing.assert_allclose(got[row["step"]][name], row[name], rtol=2e-4,
                                  err_msg=f"step {row['step']} {name}")
+
+
+@pytest.mark.slow
+def test_restores_onto_other_device_counts_pass_on_8_devices(multidevice_pytest):
+  """tests/multidevice/test_restore.py in its own process (8 simulated devices): a state
+  saved on 4 devices restores row for row onto 3, 2 and 8 and trains on as the run that was
+  never stopped. Compiling dominates (the init and train programs for four meshes): LLVM at
+  -O0 takes a fifth of the time on the init program, and both sides of every comparison
+  run the same way."""
+  multidevice_pytest("test_restore.py", RESTORE_TESTS, timeout=600,
+                     xla_flags=("--xla_backend_optimization_level=0",))

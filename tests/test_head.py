@@ -11,7 +11,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from xml.etree import ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -43,21 +42,10 @@ def _env(devices):
 
 
 @pytest.mark.slow
-def test_sharded_head_tests_pass_on_8_devices(tmp_path):
-  """tests/multidevice on 8 simulated devices: every test runs and passes, none skipped."""
-  report = tmp_path / "report.xml"
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-       str(MULTIDEVICE)],
-      cwd=TESTS_DIR.parent, env=_env(8), capture_output=True, text=True, timeout=480)
-  # The first failure in full and the summary of all (a broken head fails dozens).
-  out = proc.stdout if len(proc.stdout) < 16000 else (
-      f"{proc.stdout[:8000]}\n[...]\n{proc.stdout[-8000:]}")
-  output = f"{out}\n{proc.stderr[-4000:]}"
-  assert proc.returncode == 0, output  # exit 5, no tests collected, fails here too
-  suite = ElementTree.parse(report).getroot().find("testsuite")
-  counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-  assert counts == dict(tests=SHARDED_TESTS, failures=0, errors=0, skipped=0), output
+def test_sharded_head_tests_pass_on_8_devices(multidevice_pytest):
+  """tests/multidevice/test_head_sharded.py on 8 simulated devices: every test runs and
+  passes, none skipped."""
+  multidevice_pytest("test_head_sharded.py", SHARDED_TESTS, timeout=480)
 
 
 def _topology(results):

@@ -169,27 +169,37 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, tmp_pa
   assert not different, different[:10]  # weights, memory bank, optimizer state, b, step
 
 
-def test_resume_on_other_device_counts_keeps_step_and_data_order(tmp_path):
-  small = "--config.data.max_examples=32"  # 4 steps an epoch: this test runs 4 trainings
-  base = tmp_path / "four"
-  ok(run(4, base, small, "--config.num_epochs=1"))  # steps 1-4 on 4 devices, checkpoint at 4
-  losses, order = {}, {}
-  for devices in (2, 8):  # fewer and more devices than saved it
+def test_resume_on_other_device_counts_continues_the_uninterrupted_run(reference, tmp_path):
+  """The reference's step-8 checkpoint (1 device, the end of epoch 0) resumed on 2 and on 8
+  devices: steps 9-16 train on the batches the uninterrupted run trained on (the same data
+  fingerprints: labels, pixels, flips) from the same state (the same losses)."""
+  want = metrics(reference)
+  for devices in (2, 8):  # more devices than saved it, batch split and not
     workdir = tmp_path / f"resume_on_{devices}"
-    shutil.copytree(base, workdir)
-    proc = ok(run(devices, workdir, small))
-    assert "resumed from step 4" in proc.stderr
-    m = metrics(workdir)
-    assert sorted(m) == list(range(1, 9))
-    losses[devices] = [m[s]["loss"] for s in range(5, 9)]
-    order[devices] = [m[s]["data_fingerprint"] for s in range(1, 9)]
-  # The same batches in the same order on every device count, the saved steps included ...
-  saved = metrics(base)
-  assert order[2] == order[8]
-  assert order[2][:4] == [saved[s]["data_fingerprint"] for s in range(1, 5)]
-  # ... and the same state: the first resumed step (also the first USS step) agrees up to
-  # float reduction order. (Later steps drift apart as any two float orders do in training.)
-  np.testing.assert_allclose(losses[2][0], losses[8][0], rtol=1e-4)
+    shutil.copytree(reference, workdir)
+    for step in steps(workdir):
+      if step > 8:
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    log = workdir / "metrics.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line)["step"] <= 8))
+    proc = ok(run(devices, workdir))
+    assert "resumed from step 8" in proc.stderr
+    got = metrics(workdir)
+    assert sorted(got) == list(range(1, 17))
+    resumed = range(9, 17)
+    assert ([got[s]["data_fingerprint"] for s in resumed] ==
+            [want[s]["data_fingerprint"] for s in resumed])
+    # The first resumed step (the first USS step, where b initialises) starts from the same
+    # state and agrees up to float reduction order (~1e-7 relative). After it the weights
+    # differ by that rounding, which the loss's curvature (scales of 64) amplifies: the
+    # losses of step 10 still agree to ~4e-7, its gradient norm only to ~6e-4, and by step
+    # 16 the losses differ by percents, as any two float orders do in training.
+    for s, keys in ((9, ("loss", "s2c", "s2s", "threshold_t", "grad_norm")),
+                    (10, ("loss", "s2c", "s2s", "threshold_t"))):
+      for key in keys:
+        np.testing.assert_allclose(got[s][key], want[s][key], rtol=1e-4,
+                                   err_msg=f"{devices} devices, step {s} {key}")
 
 
 def run_two_processes(workdir, port, *flags, env, process_flags=((), ()), timeout=600):
@@ -274,32 +284,6 @@ def test_nan_guard_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
   assert all(s < bad for s in steps(tmp_path))
 
 
-def test_gradient_accumulation_updates_every_k_micro_batches():
-  import jax
-  from configs import demo
-  from unitsface_jax import optim, parallel, train
-
-  config = demo.get_config("smoke")
-  config.optimizer.grad_accum_steps = 2
-  mesh = parallel.make_mesh(1)
-  tx = optim.sgd(config, 4 / 2)
-  graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-  step = train.make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch=4)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
-  labels = rng.integers(0, 40, 8).astype(np.int32)
-
-  def stem(s):
-    return np.asarray(s["params"]["backbone"]["conv1"]["kernel"][...]).copy()
-
-  before = stem(state)
-  state, _ = step(state, images, labels)
-  after_one = stem(state)
-  state, _ = step(state, images, labels)
-  np.testing.assert_array_equal(after_one, before)  # micro-batch 1: accumulated only
-  assert not np.array_equal(stem(state), before)  # micro-batch 2: one SGD update
-
-
 def test_resume_where_the_class_padding_changes(tmp_path):
   """40 classes pad to 42 rows on 3 devices and stay 40 on 4: W, M, seen and W's momentum
   are re-padded on restore, and the rows of real classes carry over unchanged."""
@@ -331,6 +315,28 @@ def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path):
   during = {m["step"]: m["eval/orl_val/accuracy"] for m in logged
             if "eval/orl_val/accuracy" in m}
   assert result["accuracy"] == during[16] and "orl_val" in proc.stdout
+
+
+def test_data_fingerprint_depends_on_pixels_labels_order_and_mirroring():
+  import jax
+  from unitsface_jax import train
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+  labels = np.array([3, 1, 4, 1], np.int32)
+  fingerprint = jax.jit(train.data_fingerprint)
+  one_pixel = images.copy()
+  one_pixel[2, 50, 60, 1] ^= 1
+  mirrored = images.copy()
+  mirrored[1] = mirrored[1, :, ::-1]
+  swapped = [1, 0, 2, 3]
+  batches = {"batch": (images, labels), "same labels, one pixel": (one_pixel, labels),
+             "same labels, one image mirrored": (mirrored, labels),
+             "same images, other labels": (images, np.array([3, 1, 4, 2], np.int32)),
+             "two examples swapped": (images[swapped], labels[swapped])}
+  digests = {name: int(fingerprint(*batch)) for name, batch in batches.items()}
+  assert len(set(digests.values())) == len(digests), digests
+  assert all(0 <= d < 999_983 for d in digests.values())
+  assert int(fingerprint(images.copy(), labels.copy())) == digests["batch"]
 
 
 def test_compilation_cache_goes_to_the_workdir_unless_one_is_set(tmp_path):

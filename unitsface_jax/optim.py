@@ -4,7 +4,8 @@
 decay is *coupled* (added to the gradient before momentum, on every parameter including the
 USS bias b), momentum without dampening, after a global-norm clip of the raw gradient
 (``clip_grad_norm_`` runs before ``optimizer.step()`` in CVI-SZU/UniTSFace ``train.py``);
-optionally accumulated over several micro-batches (optax.MultiSteps).
+optionally accumulated over several micro-batches (optax.MultiSteps: one update on the mean
+gradient of ``grad_accum_steps`` micro-batches, the schedule counting updates).
 """
 
 from __future__ import annotations
@@ -39,15 +40,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+def update_schedule(config: ml_collections.ConfigDict,
+                    steps_per_epoch: float) -> optax.Schedule:
+  """The lr of each optimiser update, for epochs of ``steps_per_epoch`` train steps.
+
+  A train step is one micro-batch: with ``optimizer.grad_accum_steps`` = k an update takes k
+  of them, so the schedule's epochs are ``steps_per_epoch / k`` updates long, and the update
+  made at train step s (0-based) is update ``s // k``.
+  """
+  return learning_rate_schedule(config, steps_per_epoch / config.optimizer.grad_accum_steps)
+
+
 def sgd(config: ml_collections.ConfigDict,
         steps_per_epoch: float) -> optax.GradientTransformation:
-  """Clip -> coupled weight decay -> momentum SGD, as the official training script."""
+  """Clip -> coupled weight decay -> momentum SGD, as the official training script.
+
+  ``steps_per_epoch`` counts train steps (micro-batches); see :func:`update_schedule`.
+  """
   parts = []
   if config.optimizer.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.optimizer.clip_norm))
   if config.optimizer.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.optimizer.weight_decay))
-  parts.append(optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+  parts.append(optax.sgd(update_schedule(config, steps_per_epoch),
                          momentum=config.optimizer.momentum or None))
   tx = optax.chain(*parts)
   if config.optimizer.grad_accum_steps > 1:

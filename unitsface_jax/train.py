@@ -125,13 +125,30 @@ def init_state(config, mesh, tx, key):
   return graphdef, rng_state, state
 
 
+def data_fingerprint(images: jax.Array, labels: jax.Array) -> jax.Array:
+  """Which examples, in which order, mirrored or not: an int32 digest of a batch in [0, 999983).
+
+  Per example, a position-weighted sum of the uint8 pixels (weights 1..251 repeating over the
+  flattened image, so mirroring or shifting an image changes it) mixed with the label; the
+  examples weighted by their place in the batch. Integer arithmetic wraps modulo 2^32, so the
+  sums are exact in any order and the digest is the same on any device count. Equal
+  fingerprints at a step say (up to collisions) that two runs trained on the same batch there.
+  """
+  flat = images.reshape(images.shape[0], -1).astype(jnp.uint32)
+  weights = jnp.arange(flat.shape[1], dtype=jnp.uint32) % 251 + 1
+  pixel_sums = jnp.sum(flat * weights, axis=1, dtype=jnp.uint32)
+  examples = pixel_sums * jnp.uint32(1_000_003) + labels.astype(jnp.uint32)
+  order = jnp.arange(1, labels.shape[0] + 1, dtype=jnp.uint32)
+  return (jnp.sum(examples * order, dtype=jnp.uint32) % jnp.uint32(999_983)).astype(jnp.int32)
+
+
 def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int):
   """The pure, jitted update: backbone fwd/bwd, sharded head, objective, SGD, PReLU clamp."""
   hc = head_config(config)
   seed_key = jax.random.key(config.seed)
   dropout_root, sample_root = jax.random.split(seed_key)
   accum = config.optimizer.grad_accum_steps
-  lr_schedule = optim.learning_rate_schedule(config, steps_per_epoch / accum)
+  lr_schedule = optim.update_schedule(config, steps_per_epoch)
   groups = mesh.size if config.model.bn_stats == "per_device" else 0
   uses_s2s = config.loss.s2s != "none"
 
@@ -140,6 +157,7 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
     # it did not apply; mirroring and (x / 255 - 0.5) / 0.5 happen here, on the device.
     if flips is not None:
       images = pixels.mirror_where(images, flips)
+    fingerprint = data_fingerprint(images, labels)
     images = pixels.normalize(images)
     step = state["step"]
     epoch = step // steps_per_epoch
@@ -184,9 +202,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
                "threshold_t": params["head"].bias / config.loss.s2s_scale,
                "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
                                          .astype(jnp.float32)),
-               # Which examples, in which order: lets a resumed or rescaled run be checked
-               # against another (same data order <=> same fingerprints).
-               "data_fingerprint": jnp.sum(labels * (jnp.arange(labels.shape[0]) + 1)) % 999_983}
+               # Lets a resumed or rescaled run be checked against another.
+               "data_fingerprint": fingerprint}
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
@@ -280,9 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   data = make_data_iterator(config, source)
 
   # ---------------------------------------------------------------- model, head, optimiser
-  # With gradient accumulation the schedule counts optimiser updates, one per
-  # grad_accum_steps micro-batches (a train step is one micro-batch).
-  tx = optim.sgd(config, steps_per_epoch / config.optimizer.grad_accum_steps)
+  tx = optim.sgd(config, steps_per_epoch)
   graphdef, rng_state, state = init_state(config, mesh, tx, jax.random.key(config.seed))
   train_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
 

@@ -1,8 +1,9 @@
 """Eight simulated CPU devices for the tests in this folder.
 
 The device count must be set before JAX starts: set here when this folder is the first to
-be collected (``python -m pytest tests/multidevice``, as ``tests/test_head.py`` runs it);
-a session that started JAX earlier skips these tests (``test_head_sharded.pytestmark``).
+be collected (``python -m pytest tests/multidevice/<file>``, as the ``multidevice_pytest``
+fixture of ``tests/conftest.py`` runs each file); a session that started JAX earlier skips
+these tests (each file's ``pytestmark``).
 The top-level run leaves this folder out (``collect_ignore`` in ``tests/conftest.py``).
 """
 
