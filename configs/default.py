@@ -65,17 +65,30 @@ def get_config(arg=None):
   config.loss.head_dtype = "float32"  # storage of W and M (bfloat16 halves it); compute fp32
 
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd (official; coupled decay) | adamw (decoupled decay)
   config.optimizer.lr = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-4
   config.optimizer.clip_norm = 10.0
   config.optimizer.grad_accum_steps = 1
+  # adamw only (torch.optim.AdamW's defaults, which arcface_torch's ViT recipes keep).
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.name = "multistep"  # multistep (official) | polynomial (insightface)
   config.schedule.decay_epochs = (16, 24)
   config.schedule.decay_factor = 0.1
   config.schedule.warmup_epochs = 0.0
+
+  # Fine-tuning: the backbone's weights before step 0, from an insightface backbone.pth, a
+  # .safetensors/.npz of this package or another run's workdir (its latest checkpoint); the
+  # head starts fresh. The first head_only_steps train steps train the head alone (backbone
+  # frozen, BatchNorm statistics included). A run that resumes reads its own checkpoint.
+  config.init = ml_collections.ConfigDict()
+  config.init.backbone = ""
+  config.init.head_only_steps = 0
 
   config.batch_size = 512  # global
   config.num_epochs = 28

@@ -25,8 +25,9 @@ ALLOWED = {
     "config_checks": {"models"},
     "evaluation": {"data", "parallel"},
     "export": {"models"},
+    "finetune": {"checkpoint", "export", "models"},
     "train": {"checkpoint", "head", "losses", "metric_writer", "models", "optim", "parallel",
-              "data", "evaluation", "cpu_tuning"},
+              "data", "evaluation", "cpu_tuning", "finetune"},
 }
 # Entry points: command-line programs that may use anything.
 ENTRY_POINTS = {"main.py", "evaluate.py", "export/__main__.py", "data/prepare.py",

@@ -16,6 +16,7 @@ from unitsface_jax import models
 S2C_LOSSES = ("cosface", "arcface")
 S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
 SCHEDULES = ("multistep", "polynomial")
+OPTIMIZERS = ("sgd", "adamw")
 SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
 BN_STATS = ("global", "per_device")
 HEAD_DTYPES = ("float32", "bfloat16")
@@ -64,7 +65,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be >= 0")
   _require(0.0 < c.loss.sample_rate <= 1.0, "loss.sample_rate", c.loss.sample_rate,
            "must be in (0, 1]")
+  _require(c.optimizer.name in OPTIMIZERS, "optimizer.name", c.optimizer.name,
+           f"must be one of {OPTIMIZERS}")
   _require(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "must be positive")
+  for field in ("b1", "b2"):
+    _require(0.0 <= c.optimizer[field] < 1.0, f"optimizer.{field}", c.optimizer[field],
+             "must be in [0, 1)")
+  _require(c.optimizer.eps > 0, "optimizer.eps", c.optimizer.eps, "must be positive")
+  _require(c.init.head_only_steps >= 0, "init.head_only_steps", c.init.head_only_steps,
+           "must be >= 0")
+  _require(not c.init.head_only_steps or c.init.backbone, "init.head_only_steps",
+           c.init.head_only_steps, "needs config.init.backbone (a backbone to keep frozen)")
+  _require(c.init.head_only_steps % max(c.optimizer.grad_accum_steps, 1) == 0,
+           "init.head_only_steps", c.init.head_only_steps,
+           "must be a multiple of config.optimizer.grad_accum_steps (whole updates)")
   _require(0.0 <= c.optimizer.momentum < 1.0, "optimizer.momentum", c.optimizer.momentum,
            "must be in [0, 1)")
   _require(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,

@@ -1,11 +1,22 @@
-"""The optimiser and learning-rate schedules of the official recipe and of insightface.
+"""The optimisers and learning-rate schedules of the official recipe and of insightface.
 
-``sgd(config, steps_per_epoch)`` is torch.optim.SGD as the official code uses it: the weight
-decay is *coupled* (added to the gradient before momentum, on every parameter including the
-USS bias b), momentum without dampening, after a global-norm clip of the raw gradient
-(``clip_grad_norm_`` runs before ``optimizer.step()`` in CVI-SZU/UniTSFace ``train.py``);
-optionally accumulated over several micro-batches (optax.MultiSteps: one update on the mean
-gradient of ``grad_accum_steps`` micro-batches, the schedule counting updates).
+``make(config, steps_per_epoch)`` builds the one ``config.optimizer.name`` names:
+
+``sgd`` is torch.optim.SGD as the official code uses it: the weight decay is *coupled* (added
+to the gradient before momentum, on every parameter including the USS bias b), momentum
+without dampening, after a global-norm clip of the raw gradient (``clip_grad_norm_`` runs
+before ``optimizer.step()`` in CVI-SZU/UniTSFace ``train.py``).
+
+``adamw`` is torch.optim.AdamW as insightface arcface_torch's ViT recipes use it
+(``train_v2.py``: ``AdamW(params=[backbone, partial_fc], lr, weight_decay)``, default betas
+and eps, no parameter excluded from the decay): Adam moments, then the *decoupled* decay
+``lr * weight_decay * p``, after the same global-norm clip. The Adam moments and their step
+count are kept per part of the parameters (``backbone``, ``head``), as PyTorch keeps a step
+count per parameter: a backbone frozen for the first steps of a fine-tuning run
+(``config.init.head_only_steps``) starts its bias correction when it starts training.
+
+Both are optionally accumulated over several micro-batches (optax.MultiSteps: one update on
+the mean gradient of ``grad_accum_steps`` micro-batches, the schedule counting updates).
 """
 
 from __future__ import annotations
@@ -68,6 +79,55 @@ def sgd(config: ml_collections.ConfigDict,
   if config.optimizer.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.optimizer.grad_accum_steps)
   return tx
+
+
+def adamw(config: ml_collections.ConfigDict, steps_per_epoch: float,
+          parts=("backbone", "head")) -> optax.GradientTransformation:
+  """Clip -> Adam (moments and step count per top-level part of the parameters) ->
+  decoupled weight decay -> lr schedule: torch.optim.AdamW after clip_grad_norm_.
+
+  The parameters are a dict with the keys ``parts``. ``steps_per_epoch`` counts train steps
+  (micro-batches); see :func:`update_schedule`.
+  """
+  o = config.optimizer
+  parts = tuple(parts)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+      optax.multi_transform(
+          {part: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps) for part in parts},
+          lambda params: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}),
+      optax.add_decayed_weights(o.weight_decay),
+      optax.scale_by_learning_rate(update_schedule(config, steps_per_epoch)))
+  if o.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+  return tx
+
+
+OPTIMIZERS = {"sgd": sgd, "adamw": adamw}
+
+
+def make(config: ml_collections.ConfigDict,
+         steps_per_epoch: float) -> optax.GradientTransformation:
+  """The optimiser ``config.optimizer.name`` names, for parameters {"backbone", "head"}."""
+  name = config.optimizer.get("name", "sgd")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name = {name!r}: must be one of {sorted(OPTIMIZERS)}")
+  return OPTIMIZERS[name](config, steps_per_epoch)
+
+
+def keep_frozen(new, old, frozen: str = "backbone"):
+  """``new`` (parameters or optimiser state) with every leaf under a ``frozen`` key taken
+  from ``old``: the update of a step that trains only the other parts.
+
+  In the optimiser state these are the moments, accumulated gradients and (adamw) the step
+  count of the frozen part; the counters shared by all parts (the schedule's, MultiSteps')
+  advance. The selection is made when tracing, so the compiled step computes nothing for the
+  frozen leaves.
+  """
+  def pick(path, n, o):
+    keys = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return o if frozen in keys else n
+  return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 def clamp_prelu(params, minimum: float = 0.01):

@@ -35,6 +35,7 @@ from etils import epath
 from flax import nnx
 
 from unitsface_jax import checkpoint as checkpoint_lib
+from unitsface_jax import finetune
 from unitsface_jax import head as head_lib
 from unitsface_jax import losses, metric_writer, models, optim, parallel
 from unitsface_jax.data import pipeline as pipeline_lib
@@ -111,18 +112,34 @@ def init_state(config, mesh, tx, key):
   params, model_state, rng_state = jax.jit(init_backbone, out_shardings=replicated)(model_key)
   head_state = head_lib.init_head_state(head_key, head_config(config), mesh)
   all_params = {"backbone": params, "head": head_state.params}
-  # The optimiser state takes the shardings of the parameters it mirrors (momentum of W is
-  # class-sharded like W); its counters are replicated.
-  param_shardings = jax.tree.map(lambda x: x.sharding, all_params)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, all_params), param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = _mirror_shardings(jax.eval_shape(tx.init, all_params), all_params,
+                                    replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(all_params)
   state = {"params": all_params, "model_state": model_state,
            "head_buffers": head_state.buffers, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), replicated),
            "first_nonfinite_step": jax.device_put(jnp.int32(-1), replicated)}
   return graphdef, rng_state, state
+
+
+def _mirror_shardings(opt_shapes, params, replicated):
+  """The optimiser state takes the shardings of the parameters it mirrors (SGD's momentum,
+  Adam's mu and nu, accumulated gradients of W are class-sharded like W); its counters are
+  replicated. A state leaf mirrors a parameter when its path ends with the parameter's path
+  and it has its shape, which also finds the parameters in optax.multi_transform's per-part
+  states (optax.tree_map_params does not)."""
+  by_path = {checkpoint_lib.path_names(p): x
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+  def sharding(path, leaf):
+    names = checkpoint_lib.path_names(path)
+    for n in range(len(names), 0, -1):
+      param = by_path.get(names[-n:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding, opt_shapes)
 
 
 def data_fingerprint(images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -142,8 +159,16 @@ def data_fingerprint(images: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.sum(examples * order, dtype=jnp.uint32) % jnp.uint32(999_983)).astype(jnp.int32)
 
 
-def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int):
-  """The pure, jitted update: backbone fwd/bwd, sharded head, objective, SGD, PReLU clamp."""
+def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int, *,
+                    head_only: bool = False):
+  """The pure, jitted update: backbone fwd/bwd, sharded head, objective, optimiser, PReLU
+  clamp.
+
+  ``head_only`` (the first ``config.init.head_only_steps`` of a fine-tuning run): the
+  backbone is frozen: it runs in inference mode (running BatchNorm statistics, which it does
+  not update; no dropout), no gradient is computed through it, and its parameters and its
+  part of the optimiser state stay as they are (``optim.keep_frozen``).
+  """
   hc = head_config(config)
   seed_key = jax.random.key(config.seed)
   dropout_root, sample_root = jax.random.split(seed_key)
@@ -164,13 +189,18 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
     # Whether the sample-to-sample term is in this step's loss (and b may initialise).
     s2s_active = jnp.logical_and(uses_s2s, epoch >= config.loss.uss_start_epoch)
 
-    def loss_fn(params):
+    def loss_fn(trained):
+      params = {"backbone": state["params"]["backbone"], "head": trained} if head_only else (
+          trained)
       model = nnx.merge(graphdef, params["backbone"], state["model_state"], rng_state,
                         copy=True)
-      if groups:
-        _set_bn_groups(model, groups)
-      if config.model.dropout > 0:
-        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
+      if head_only:
+        model.eval()
+      else:
+        if groups:
+          _set_bn_groups(model, groups)
+        if config.model.dropout > 0:
+          nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
       embeddings = model(images)
       head_state = head_lib.HeadState(params["head"], state["head_buffers"])
       terms, new_head = head_lib.head_loss(
@@ -182,13 +212,21 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
       return loss, (terms, new_head, nnx.state(model, models.MODEL_STATE))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (terms, new_head, model_state)), grads = grad_fn(state["params"])
+    if head_only:
+      (loss, (terms, new_head, model_state)), head_grads = grad_fn(state["params"]["head"])
+      grads = {"backbone": jax.tree.map(jnp.zeros_like, state["params"]["backbone"]),
+               "head": head_grads}
+    else:
+      (loss, (terms, new_head, model_state)), grads = grad_fn(state["params"])
     # b takes its data-dependent first value inside the head; this step's update applies to
     # that value (as the official code, which initialises b in the forward pass).
     params = {"backbone": state["params"]["backbone"], "head": new_head.params}
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     params = {"backbone": optim.clamp_prelu(params["backbone"]), "head": params["head"]}
+    if head_only:
+      params = optim.keep_frozen(params, state["params"])
+      opt_state = optim.keep_frozen(opt_state, state["opt_state"])
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     first_bad = jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
@@ -297,9 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   data = make_data_iterator(config, source)
 
   # ---------------------------------------------------------------- model, head, optimiser
-  tx = optim.sgd(config, steps_per_epoch)
+  tx = optim.make(config, steps_per_epoch)
   graphdef, rng_state, state = init_state(config, mesh, tx, jax.random.key(config.seed))
   train_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
+  head_only_steps = config.init.head_only_steps
+  head_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch,
+                              head_only=True) if head_only_steps else None
 
   # ---------------------------------------------------------------- checkpoint restore
   ckpt = checkpoint_lib.Checkpoints(workdir, every_steps=config.checkpoint_every_steps,
@@ -308,6 +349,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   if latest is not None:
     state = checkpoint_lib.restore_state(ckpt, latest, state, mesh, data_iterator=data)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
+  elif config.init.backbone:
+    # Fine-tuning: the backbone's weights and BatchNorm statistics before step 0 (a resumed
+    # run took them from its own checkpoint above); the head stays as initialised.
+    backbone, model_state = finetune.backbone_arrays(
+        config.init.backbone, config.model, jax.random.key(config.seed))
+    replicated = parallel.replicated(mesh)
+    state["params"]["backbone"] = jax.device_put(backbone, replicated)
+    state["model_state"] = jax.device_put(model_state, replicated)
+    logging.info("backbone initialised from %s", config.init.backbone)
   start_step = int(state["step"])
   if start_step != (latest or 0):
     raise RuntimeError(f"checkpoint {latest} holds step {start_step}")
@@ -328,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
       batch = next(data)
       images, labels, flips = parallel.global_batch(
           (batch["image"], batch["label"], batch["flip"]), mesh)
-      state, metrics = train_step(state, images, labels, flips)
+      step_fn = head_step if step < head_only_steps else train_step
+      state, metrics = step_fn(state, images, labels, flips)
       if t0 is None:  # throughput and ETA from the end of the first (compiling) step
         jax.block_until_ready(metrics["loss"])
         t0 = time.time()
