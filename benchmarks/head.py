@@ -1,13 +1,18 @@
-"""Benchmark of the class-sharded head at Glint360K scale on simulated CPU devices.
+"""Benchmark of the class-sharded head at Glint360K or WebFace42M scale on simulated CPU
+devices.
 
-Measures, for C = 360,232 classes, D = 512, global batch 1024 (issue 4):
+Measures, for ``--dataset=glint360k`` (C = 360,232 classes, global batch 1024, PartialFC
+r = 0.1; issue 4) or ``--dataset=wf42m`` (C = 2,059,906, global batch 4096 as
+``configs/wf42m_r100.py``, r = 0.3; issue 16), D = 512:
   * per-device memory of the compiled head step (loss + gradients + new state) from XLA's
     memory analysis, on 8 devices vs. the same head on 1 device (goal ≤ 1.15 × 1/8);
-  * wall time of the compiled step on the 8 simulated devices;
-  * for PartialFC r = 0.1, the largest array shapes in the compiled per-device program.
+  * the largest array shapes in the compiled per-device program, and whether any array has
+    a [global batch, C] block (it must not on 8 devices);
+  * wall time of the compiled step on the 8 simulated devices (glint360k only: WebFace42M's
+    step needs more host memory than a workstation has; its numbers come from compiling).
 
 Usage (from the repository root):
-  python benchmarks/head.py [--steps 3] [--skip_full_step_time]
+  python benchmarks/head.py [--dataset glint360k|wf42m] [--steps 3] [--skip_full_step_time]
 Writes a Markdown section to stdout; paste it into BENCHMARKS.md.
 """
 
@@ -33,7 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 from unitsface_jax import head  # noqa: E402
 from unitsface_jax import parallel  # noqa: E402
 
-NUM_CLASSES, DIM, BATCH = 360_232, 512, 1024
+# dataset: (classes, global batch, PartialFC sample rate)
+DATASETS = {"glint360k": (360_232, 1024, 0.1), "wf42m": (2_059_906, 4096, 0.3)}
+NUM_CLASSES, BATCH = DATASETS["glint360k"][:2]  # set by main() from --dataset
+DIM = 512
 GIB = 2.0**30
 
 
@@ -89,6 +97,18 @@ def largest_shapes(compiled, top=6):
   return [f"{t}[{s}]" for t, s in ranked]
 
 
+def full_width_arrays(compiled, num_classes, batch):
+  """Array shapes in the compiled per-device program with a [batch, C] block (C the real or
+  the padded class count): the logits of the whole head on one device."""
+  shapes = set(re.findall(r"\b(?:f32|bf16|s32|pred)\[([0-9,]+)\]", compiled.as_text()))
+  wide = []
+  for shape in shapes:
+    dims = [int(d) for d in shape.split(",") if d]
+    if batch in dims and any(d >= num_classes for d in dims):
+      wide.append(f"[{shape}]")
+  return sorted(wide)
+
+
 def time_step(config, mesh, steps):
   step = step_fn(config, mesh)
   state = head.init_head_state(jax.random.key(0), config, mesh)
@@ -123,18 +143,26 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--skip_full_step_time", action="store_true",
                       help="time only r = 0.1 (the r = 1 step needs ~10 GB of host memory)")
+  parser.add_argument("--dataset", choices=sorted(DATASETS), default="glint360k")
   args = parser.parse_args()
   assert jax.device_count() >= 8, "needs 8 (simulated) devices"
+  global NUM_CLASSES, BATCH
+  NUM_CLASSES, BATCH, rate = DATASETS[args.dataset]
   full = head.HeadConfig(NUM_CLASSES, DIM)
-  sampled = head.HeadConfig(NUM_CLASSES, DIM, sample_rate=0.1)
+  sampled = head.HeadConfig(NUM_CLASSES, DIM, sample_rate=rate)
   mesh1, mesh8 = parallel.make_mesh(1), parallel.make_mesh(8)
+  r_name = f"r = {rate:g}"
 
   rows = []
-  for name, config in (("r = 1", full), ("r = 0.1", sampled)):
-    one, _ = per_device_bytes(compile_step(config, mesh1))
+  for name, config in (("r = 1", full), (r_name, sampled)):
+    compiled1 = compile_step(config, mesh1)
+    one, _ = per_device_bytes(compiled1)
     compiled8 = compile_step(config, mesh8)
     eight, m8 = per_device_bytes(compiled8)
-    rows.append((name, one, eight, m8, compiled8))
+    # The one-device program holds the whole [batch, C] logits: the check below finds them.
+    wide1 = full_width_arrays(compiled1, NUM_CLASSES, BATCH)
+    del compiled1
+    rows.append((name, one, eight, m8, compiled8, wide1))
 
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
@@ -144,28 +172,37 @@ def main():
   print(f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores "
         f"(shared with other jobs), 8 simulated CPU devices "
         f"(`--xla_force_host_platform_device_count=8`)")
-  print(f"- command: `python benchmarks/head.py --steps {args.steps}"
+  print(f"- command: `python benchmarks/head.py --dataset {args.dataset} --steps {args.steps}"
         f"{' --skip_full_step_time' if args.skip_full_step_time else ''}`")
   print(f"- C = {NUM_CLASSES:,}, D = {DIM}, global batch {BATCH}, fp32 storage, USS (code), "
         f"CosFace; step = loss + gradients (embeddings, W, b) + memory write, state donated\n")
   print("| head | 1 device (GiB) | 8 devices, per device (GiB) | ratio × 8 "
         "| args / outputs / temps / aliased per device (GiB) |")
   print("|---|---|---|---|---|")
-  for name, one, eight, m8, _ in rows:
+  for name, one, eight, m8, _, _ in rows:
     print(f"| {name} | {one / GIB:.3f} | {eight / GIB:.3f} | {8 * eight / one:.3f} | "
           f"{m8.argument_size_in_bytes / GIB:.3f} / {m8.output_size_in_bytes / GIB:.3f} / "
           f"{m8.temp_size_in_bytes / GIB:.3f} / {m8.alias_size_in_bytes / GIB:.3f} |")
   print()
   print("Largest array shapes in the compiled per-device program on 8 devices (fused "
         "intermediates included):\n")
-  print(f"- r = 0.1 (k = {head.num_sampled(sampled, 8, BATCH)} sampled of "
+  print(f"- {r_name} (k = {head.num_sampled(sampled, 8, BATCH)} sampled of "
         f"{head.num_local_classes(sampled, 8)} local classes): "
         + ", ".join(f"`{s}`" for s in largest_shapes(rows[1][4])))
   print("- r = 1: " + ", ".join(f"`{s}`" for s in largest_shapes(rows[0][4])) + "\n")
+  for name, _, _, _, compiled8, wide1 in rows:
+    wide = full_width_arrays(compiled8, NUM_CLASSES, BATCH)
+    print(f"- arrays with a [global batch {BATCH}, C ≥ {NUM_CLASSES:,}] block, {name}: "
+          f"{', '.join(f'`{w}`' for w in wide) if wide else 'none'} on 8 devices "
+          f"(on 1 device: {', '.join(f'`{w}`' for w in wide1) or 'none'})")
+    assert not wide, wide
+  print()
 
+  if args.dataset != "glint360k":
+    return
   print("| head, 8 simulated devices | step time, best (s) | mean (s) |")
   print("|---|---|---|")
-  for name, config in (("r = 1", full), ("r = 0.1", sampled)):
+  for name, config in (("r = 1", full), (r_name, sampled)):
     if name == "r = 1" and args.skip_full_step_time:
       print(f"| {name} | not measured (--skip_full_step_time) | |")
       continue

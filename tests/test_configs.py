@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from unitsface_jax import config_checks
+from unitsface_jax import config_checks, models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
@@ -16,6 +16,8 @@ RECIPES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "_
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_and_variant_validates(recipe):
   module = importlib.import_module(f"configs.{recipe}")
+  if recipe == "wf42m_vit_b" and "vit_b" not in models.list_models():
+    pytest.skip("vit_b not registered")
   for arg in (None, *module.VARIANTS, ",".join(module.VARIANTS)):
     config_checks.validate(module.get_config(arg))
 
@@ -37,6 +39,21 @@ def test_official_casia_recipe_values():
           c.optimizer.clip_norm) == ((16, 24), 28, 512, 10.0)
 
 
+def test_webface42m_recipes_follow_arcface_torch():
+  """configs/wf42m_pfc03_32gpu_r100.py and wf42m_pfc03_40epoch_8gpu_vit_b.py of arcface_torch:
+  classes, images, PartialFC rate, optimiser, lr, decay, warm-up, epochs, images per update."""
+  from configs import wf42m_r100, wf42m_vit_b
+  for module, want in ((wf42m_r100, ("iresnet100", "sgd", 0.4, 5e-4, 2.0, 20, 4096)),
+                       (wf42m_vit_b, ("vit_b", "adamw", 1e-3, 0.1, 4.0, 40, 256 * 8 * 12))):
+    c = module.get_config()
+    assert (c.data.num_classes, c.data.num_images, c.loss.sample_rate) == (
+        2_059_906, 42_474_557, 0.3)
+    assert (c.model.name, c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay,
+            c.schedule.warmup_epochs, c.num_epochs,
+            c.batch_size * c.optimizer.grad_accum_steps) == want
+    assert c.schedule.name == "polynomial" and c.model.dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("model.name", "resnet9", "config.model.name = 'resnet9'"),
     ("loss.s2s_margin", 1.5, "config.loss.s2s_margin = 1.5"),
@@ -48,6 +65,10 @@ def test_official_casia_recipe_values():
     ("loss.s2c", "uce", "config.loss.s2c = 'uce'"),
     ("debug.signal_after_step", -1, "config.debug.signal_after_step = -1"),
     ("debug.signal", "SIGINT", "config.debug.signal = 'SIGINT': must be one of"),
+    ("optimizer.name", "adam", "config.optimizer.name = 'adam': must be one of"),
+    ("optimizer.b2", 1.0, "config.optimizer.b2 = 1.0: must be in"),
+    ("init.head_only_steps", 4, "config.init.head_only_steps = 4: needs config.init.backbone"),
+    ("init.head_only_steps", -1, "config.init.head_only_steps = -1: must be >= 0"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   from configs import demo

@@ -16,6 +16,7 @@ Items per step:
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -49,6 +50,8 @@ class Checkpoints:
 
   def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool = True,
                with_data: bool = True, read_only: bool = False):
+    # orbax refuses relative paths: a local one is made absolute (gs:// and such are kept).
+    workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     if read_only and not self.directory.exists():
       raise FileNotFoundError(f"no checkpoint in {self.directory}")

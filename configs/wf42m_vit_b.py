@@ -1,0 +1,48 @@
+"""WebFace42M with ViT-B: 2,059,906 classes, PartialFC r = 0.3, AdamW, 40 epochs.
+
+insightface arcface_torch ``configs/wf42m_pfc03_40epoch_8gpu_vit_b.py``: batch 256 on each
+of 8 GPUs with 12 micro-batches accumulated per update (24,576 images an update; the 64-GPU
+recipe takes 384 x 64 = 24,576 in one step), AdamW lr 1e-3, weight decay 0.1 on every
+parameter, warm-up 4 of 40 epochs then the polynomial decay, sample rate 0.3, CosFace (s 64,
+m 0.4), fp16 (here bfloat16 activations). On 64 chips set ``batch_size=24576`` and
+``optimizer.grad_accum_steps=1``: the same updates. The loss adds this package's USS term from
+epoch 1, as every recipe here. The clip and the schedule's power differ from arcface_torch's
+as in ``configs/wf42m_r100.py``.
+
+Variants: ``runlocal`` (float32, batch 16, no accumulation), ``synthetic`` (random images of
+the recipe's classes and epoch length).
+"""
+
+from configs import default
+
+VARIANTS = ("runlocal", "synthetic")
+
+
+def get_config(arg=None):
+  """WebFace42M ViT-B recipe; variants: runlocal, synthetic."""
+  variants = default.variants(arg, known=VARIANTS)
+  config = default.get_config()
+  config.model.name = "vit_b"
+  config.model.dropout = 0.0
+  config.model.dtype = "bfloat16"
+  config.data.path = "gs://YOUR_BUCKET/webface42m"
+  config.data.num_classes = 2_059_906
+  config.data.num_images = 42_474_557
+  config.loss.sample_rate = 0.3
+  config.optimizer.name = "adamw"
+  config.optimizer.lr = 1e-3
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.clip_norm = 5.0
+  config.optimizer.grad_accum_steps = 12
+  config.batch_size = 2048
+  config.num_epochs = 40
+  config.schedule.name = "polynomial"
+  config.schedule.warmup_epochs = 4.0
+  config.schedule.decay_epochs = ()
+  if "synthetic" in variants:
+    config.data.source = "synthetic"
+  if "runlocal" in variants:
+    config.model.dtype = "float32"
+    config.batch_size = 16
+    config.optimizer.grad_accum_steps = 1
+  return config
