@@ -69,7 +69,8 @@ def test_every_format_loads_the_same_backbone(exported, data_dir, tmp_path):
   npz, source = exported
   config = _small(demo.get_config("smoke")).model
   want = _weights(source)
-  paths = [npz, data_dir / "checkpoint_v0"]
+  # A workdir given relative to the current directory, as on a command line.
+  paths = [npz, os.path.relpath(data_dir / "checkpoint_v0")]
   params_io.save_params(tmp_path / "demo.safetensors", source, "iresnet18")
   paths.append(tmp_path / "demo.safetensors")
   if importlib.util.find_spec("torch") is not None:  # the [torch] extra reads .pth

@@ -144,3 +144,26 @@ def test_sgd_is_the_default_optimizer_unchanged():
   config.optimizer.name = "lamb"
   with pytest.raises(ValueError, match="config.optimizer.name = 'lamb'"):
     optim.make(config, 10)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_state_takes_the_shardings_of_the_parameters_it_mirrors(name):
+  """train.init_state: SGD's momentum, Adam's mu and nu and the accumulated gradients of W
+  are class-sharded like W (rows over "devices"); the counters are replicated."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("smoke")
+  config.model.width, config.model.num_features = 4, 32
+  config.optimizer.name = name
+  config.optimizer.grad_accum_steps = 2
+  tx = optim.make(config, 8)
+  _, _, state = train.init_state(config, parallel.make_mesh(1), tx, jax.random.key(0))
+  specs = {jax.tree_util.keystr(p): x.sharding.spec
+           for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+  w_specs = {k: v for k, v in specs.items() if k.endswith(".w")}
+  # momentum (sgd) or mu and nu (adamw), and MultiSteps' accumulated gradient
+  assert len(w_specs) == (2 if name == "sgd" else 3), specs
+  assert all(v == state["params"]["head"].w.sharding.spec and v[0] == "devices"
+             for v in w_specs.values()), w_specs
+  counters = [v for k, v in specs.items() if k.endswith(("count", "mini_step", "gradient_step"))]
+  assert counters and all(v == jax.sharding.PartitionSpec() for v in counters), specs
