@@ -13,7 +13,7 @@ Variants: ``runlocal`` (float32, batch 16), ``synthetic`` (random images of the 
 classes and epoch length, for trying the memory and the speed of a slice without the data).
 """
 
-from configs import default
+from configs import default, glint_r100
 
 VARIANTS = ("runlocal", "synthetic")
 
@@ -21,27 +21,17 @@ VARIANTS = ("runlocal", "synthetic")
 def get_config(arg=None):
   """WebFace42M IResNet-100 recipe; variants: runlocal, synthetic."""
   variants = default.variants(arg, known=VARIANTS)
-  config = default.get_config()
-  config.model.name = "iresnet100"
-  config.model.dropout = 0.0
-  config.model.dtype = "bfloat16"
+  # IResNet-100, bfloat16, polynomial schedule; runlocal: float32, batch 16.
+  config = glint_r100.get_config("runlocal" if "runlocal" in variants else None)
   config.data.path = "gs://YOUR_BUCKET/webface42m"
   config.data.num_classes = 2_059_906
   config.data.num_images = 42_474_557
   config.loss.sample_rate = 0.3
-  config.optimizer.name = "sgd"
   config.optimizer.lr = 0.4
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
   config.optimizer.clip_norm = 5.0
-  config.batch_size = 4096
-  config.num_epochs = 20
-  config.schedule.name = "polynomial"
   config.schedule.warmup_epochs = 2.0
-  config.schedule.decay_epochs = ()
+  if "runlocal" not in variants:
+    config.batch_size = 4096
   if "synthetic" in variants:
     config.data.source = "synthetic"
-  if "runlocal" in variants:
-    config.model.dtype = "float32"
-    config.batch_size = 16
   return config

@@ -13,36 +13,24 @@ Variants: ``runlocal`` (float32, batch 16, no accumulation), ``synthetic`` (rand
 the recipe's classes and epoch length).
 """
 
-from configs import default
+from configs import default, wf42m_r100
 
-VARIANTS = ("runlocal", "synthetic")
+VARIANTS = wf42m_r100.VARIANTS
 
 
 def get_config(arg=None):
   """WebFace42M ViT-B recipe; variants: runlocal, synthetic."""
   variants = default.variants(arg, known=VARIANTS)
-  config = default.get_config()
+  config = wf42m_r100.get_config(arg)  # the data, PartialFC, clip and schedule
   config.model.name = "vit_b"
-  config.model.dropout = 0.0
-  config.model.dtype = "bfloat16"
-  config.data.path = "gs://YOUR_BUCKET/webface42m"
-  config.data.num_classes = 2_059_906
-  config.data.num_images = 42_474_557
-  config.loss.sample_rate = 0.3
   config.optimizer.name = "adamw"
   config.optimizer.lr = 1e-3
   config.optimizer.weight_decay = 0.1
-  config.optimizer.clip_norm = 5.0
   config.optimizer.grad_accum_steps = 12
-  config.batch_size = 2048
   config.num_epochs = 40
-  config.schedule.name = "polynomial"
   config.schedule.warmup_epochs = 4.0
-  config.schedule.decay_epochs = ()
-  if "synthetic" in variants:
-    config.data.source = "synthetic"
   if "runlocal" in variants:
-    config.model.dtype = "float32"
-    config.batch_size = 16
     config.optimizer.grad_accum_steps = 1
+  else:
+    config.batch_size = 2048
   return config
