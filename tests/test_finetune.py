@@ -274,7 +274,8 @@ def test_finetuning_raises_held_out_accuracy(finetuned, exported, lfw_split):
 
 
 @pytest.mark.slow
-def test_resumed_finetuning_restores_its_own_checkpoint(finetuned, lfw_split, tmp_path):
+def test_resumed_finetuning_restores_its_own_checkpoint(finetuned, exported, lfw_split,
+                                                       tmp_path):
   """Preempted inside the head-only phase and inside an accumulation window (after step 3 of
   4 head-only steps, 2 micro-batches an update), then resumed with the init file gone: the
   run reads its own checkpoint, and every loss and the final state (AdamW's moments and
@@ -287,6 +288,9 @@ def test_resumed_finetuning_restores_its_own_checkpoint(finetuned, lfw_split, tm
   proc = _ok(_run(workdir, *flags, "--config.debug.signal_after_step=3"))
   assert "backbone initialised from" in proc.stderr
   assert "preemption requested: saving step 3 and stopping" in proc.stderr
+  # Steps 1-3 were head-only: the saved backbone is the init file's, weights and statistics.
+  _, saved = checkpoint.backbone_from_workdir(workdir, 3)
+  _assert_same_weights(_weights(saved), _weights(exported[1]))
   init.unlink()
   proc = _ok(_run(workdir, *flags))
   assert "resumed from step 3" in proc.stderr and "backbone initialised" not in proc.stderr
