@@ -52,9 +52,24 @@ def get_config(arg=None):
   config.data.read_threads = 1
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.s2c = "cosface"  # cosface | arcface
+  # cosface | arcface | combined | adaface | curricularface | magface | normalized_bce | uce
+  # (README.md, "Losses"; the variants of configs/casia_r50.py set each one's reference values)
+  config.loss.s2c = "cosface"
   config.loss.s2c_scale = 64.0
-  config.loss.s2c_margin = 0.4
+  config.loss.s2c_margin = 0.4  # m of cosface, arcface, adaface, curricularface, BCE, UCE
+  # combined: cos(m1·θ + m2) − m3; form "formula" | "arcface_torch" (its two branches only)
+  config.loss.combined_m1 = 1.0
+  config.loss.combined_m2 = 0.3
+  config.loss.combined_m3 = 0.2
+  config.loss.combined_form = "formula"
+  config.loss.adaface_h = 0.333
+  config.loss.adaface_t_alpha = 0.01  # EMA weight of the batch's norm mean and std
+  config.loss.curricular_alpha = 0.01  # EMA weight of t
+  config.loss.magface_l_a = 10.0  # feature norm range [l_a, u_a] -> margin range [l_m, u_m]
+  config.loss.magface_u_a = 110.0
+  config.loss.magface_l_m = 0.45
+  config.loss.magface_u_m = 0.8
+  config.loss.magface_lambda_g = 35.0
   config.loss.s2s = "uss"  # uss | s2s_softmax | s2s_bce | none
   config.loss.s2s_scale = 64.0
   config.loss.s2s_margin = 0.1

@@ -43,9 +43,7 @@ def test_official_casia_recipe_values():
     ("batch_size", 0, "config.batch_size = 0"),
     ("model.width", 0, "config.model.width = 0: must be a positive"),
     ("schedule.decay_epochs", (24, 16), "config.schedule.decay_epochs"),
-    # Loss functions that exist but that the class-sharded head does not run.
-    ("loss.s2c", "normalized_bce", "config.loss.s2c = 'normalized_bce': must be one of"),
-    ("loss.s2c", "uce", "config.loss.s2c = 'uce'"),
+    ("loss.s2c", "sphereface", "config.loss.s2c = 'sphereface': must be one of"),
     ("debug.signal_after_step", -1, "config.debug.signal_after_step = -1"),
     ("debug.signal", "SIGINT", "config.debug.signal = 'SIGINT': must be one of"),
 ])
@@ -68,7 +66,7 @@ def run_main(*args):
     ("--config.model.nme=x", "nme"),
     ("--config.batch_size=abc", "config.batch_size"),
     ("--config.optimizer.lr=-1.0", "config.optimizer.lr"),
-    ("--config.loss.s2c=uce", "config.loss.s2c"),
+    ("--config.loss.s2c=sphereface", "config.loss.s2c"),
 ])
 @pytest.mark.slow
 def test_main_refuses_unknown_ill_typed_and_bad_fields(tmp_path, override, needle):
