@@ -159,7 +159,7 @@ def num_sampled(config: HeadConfig, num_shards: int, global_batch: int) -> int:
   return min(local, max(math.ceil(config.sample_rate * local), global_batch))
 
 
-def _s2c_state(config: HeadConfig | None, padded: int) -> tuple[dict, dict]:
+def s2c_initial_state(config: HeadConfig | None, padded: int) -> tuple[dict, dict]:
   """Initial (s2c_bias, s2c_stats) of the sample-to-class loss; [C_pad] arrays are class rows.
 
   The biases of normalized BCE and UCE start at log(10·C) (CVI-SZU/UniTSFace head.py,
@@ -186,7 +186,7 @@ def head_specs(config: HeadConfig | None = None) -> HeadState:
   Without ``config``, the state of a loss with no bias or statistics (CosFace, ArcFace).
   """
   rows = P(DEVICE_AXIS)
-  s2c_bias, s2c_stats = jax.eval_shape(lambda: _s2c_state(config, 1))
+  s2c_bias, s2c_stats = jax.eval_shape(lambda: s2c_initial_state(config, 1))
   bias_specs = jax.tree.map(lambda x: rows if x.ndim else P(), s2c_bias)
   return HeadState(HeadParams(w=rows, bias=P(), class_bias=rows, s2c_bias=bias_specs),
                    HeadBuffers(memory=rows, seen=rows, initialized=P(),
@@ -204,7 +204,7 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
   W ~ N(0, 1/D), the kaiming-normal (a=1, fan_in) initialisation of CVI-SZU/UniTSFace
   head.py; padded rows are zero. M is zero and unseen, b and the class biases are 0 until
   their first use (head.py initialises b from data when it is ≤ 0); the loss's own bias and statistics take
-  their reference initial values (``_s2c_state``).
+  their reference initial values (``s2c_initial_state``).
   """
   padded = padded_classes(config.num_classes, mesh.shape[DEVICE_AXIS])
   dtype = jnp.dtype(config.storage_dtype)
@@ -213,7 +213,7 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
     w = jax.random.normal(key, (padded, config.embedding_dim), jnp.float32)
     w = w / math.sqrt(config.embedding_dim)
     w = jnp.where((jnp.arange(padded) < config.num_classes)[:, None], w, 0.0)
-    s2c_bias, s2c_stats = _s2c_state(config, padded)
+    s2c_bias, s2c_stats = s2c_initial_state(config, padded)
     params = HeadParams(w=w.astype(dtype), bias=jnp.zeros((), jnp.float32),
                         class_bias=jnp.zeros((padded,), jnp.float32), s2c_bias=s2c_bias)
     buffers = HeadBuffers(memory=jnp.zeros((padded, config.embedding_dim), dtype),
