@@ -203,8 +203,8 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
 
   W ~ N(0, 1/D), the kaiming-normal (a=1, fan_in) initialisation of CVI-SZU/UniTSFace
   head.py; padded rows are zero. M is zero and unseen, b and the class biases are 0 until
-  their first use (head.py initialises b from data when it is ≤ 0); the loss's own bias and statistics take
-  their reference initial values (``s2c_initial_state``).
+  their first use (head.py initialises b from data when it is ≤ 0); the loss's own bias and
+  statistics take their reference initial values (``s2c_initial_state``).
   """
   padded = padded_classes(config.num_classes, mesh.shape[DEVICE_AXIS])
   dtype = jnp.dtype(config.storage_dtype)
@@ -389,8 +389,8 @@ def _s2c_term(config: HeadConfig, params: HeadParams, stats: dict, norms: jax.Ar
 
 
 def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array,
-                s2s_active: jax.Array, norms: jax.Array, *, config: HeadConfig, num_sampled_classes: int
-                ) -> tuple[dict[str, jax.Array], HeadState]:
+                s2s_active: jax.Array, norms: jax.Array, *, config: HeadConfig,
+                num_sampled_classes: int) -> tuple[dict[str, jax.Array], HeadState]:
   """One device's share of ``head_loss`` (runs inside ``jax.shard_map``): its rows of the
   head state, its slice of the batch; returns the replicated loss terms and its rows of the
   new state."""

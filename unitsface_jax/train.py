@@ -205,6 +205,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int)
                                          .astype(jnp.float32)),
                # Lets a resumed or rescaled run be checked against another.
                "data_fingerprint": fingerprint}
+    # AdaFace's norm statistics, CurricularFace's t (none for the other losses).
+    metrics.update({f"s2c_{k}": v for k, v in new_head.buffers.s2c_stats.items()})
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
