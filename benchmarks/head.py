@@ -4,10 +4,12 @@ Measures, for C = 360,232 classes, D = 512, global batch 1024 (issue 4):
   * per-device memory of the compiled head step (loss + gradients + new state) from XLA's
     memory analysis, on 8 devices vs. the same head on 1 device (goal ≤ 1.15 × 1/8);
   * wall time of the compiled step on the 8 simulated devices;
-  * for PartialFC r = 0.1, the largest array shapes in the compiled per-device program.
+  * for PartialFC r = 0.1, the largest array shapes in the compiled per-device program;
+  * with ``--losses``, instead: every sample-to-class loss's per-device memory (r = 1 and
+    r = 0.1) and step time (r = 0.1) on 8 devices beside CosFace's, as ratios (issue 15).
 
 Usage (from the repository root):
-  python benchmarks/head.py [--steps 3] [--skip_full_step_time]
+  python benchmarks/head.py [--steps 3] [--skip_full_step_time] [--losses]
 Writes a Markdown section to stdout; paste it into BENCHMARKS.md.
 """
 
@@ -58,7 +60,7 @@ def step_fn(config, mesh):
 
 
 def abstract_args(config, mesh):
-  shardings = head.head_shardings(mesh)
+  shardings = head.head_shardings(mesh, config)
   state = jax.eval_shape(lambda k: head.init_head_state(k, config, mesh), jax.random.key(0))
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        state, shardings)
@@ -118,13 +120,51 @@ def cpu_model():
   return platform.processor() or "unknown CPU"
 
 
+def header(command, what):
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+  print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"commit: {commit.strip()}; jax {jax.__version__}")
+  print(f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores "
+        f"(shared with other jobs; load average {os.getloadavg()[0]:.1f} at the start), "
+        f"8 simulated CPU devices (`--xla_force_host_platform_device_count=8`)")
+  print(f"- command: `{command}`")
+  print(f"- C = {NUM_CLASSES:,}, D = {DIM}, global batch {BATCH}, fp32 storage, {what}; "
+        "step = loss + gradients (embeddings, W, b) + memory write, state donated\n")
+
+
+def losses_table(steps):
+  """Each sample-to-class loss (USS on) beside CosFace on 8 devices: memory and step time."""
+  mesh8 = parallel.make_mesh(8)
+  print("## Every sample-to-class loss in the head (benchmarks/head.py --losses)\n")
+  header(f"python benchmarks/head.py --losses --steps {steps}", "USS (code), every s2c loss")
+  print("| loss | per device, r = 1 (GiB) | × CosFace | per device, r = 0.1 (GiB) | × CosFace "
+        "| step r = 0.1, best (s) | × CosFace |")
+  print("|---|---|---|---|---|---|---|")
+  base = None
+  for name in head.S2C_LOSSES:
+    full = head.HeadConfig(NUM_CLASSES, DIM, s2c_loss=name)
+    sampled = head.HeadConfig(NUM_CLASSES, DIM, s2c_loss=name, sample_rate=0.1)
+    row = (per_device_bytes(compile_step(full, mesh8))[0],
+           per_device_bytes(compile_step(sampled, mesh8))[0],
+           time_step(sampled, mesh8, steps)[0])
+    base = base or row
+    print(f"| {name} | {row[0] / GIB:.3f} | {row[0] / base[0]:.3f} | {row[1] / GIB:.3f} | "
+          f"{row[1] / base[1]:.3f} | {row[2]:.2f} | {row[2] / base[2]:.2f} |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--skip_full_step_time", action="store_true",
                       help="time only r = 0.1 (the r = 1 step needs ~10 GB of host memory)")
+  parser.add_argument("--losses", action="store_true",
+                      help="every sample-to-class loss beside CosFace (memory, step time)")
   args = parser.parse_args()
   assert jax.device_count() >= 8, "needs 8 (simulated) devices"
+  if args.losses:
+    losses_table(args.steps)
+    return
   full = head.HeadConfig(NUM_CLASSES, DIM)
   sampled = head.HeadConfig(NUM_CLASSES, DIM, sample_rate=0.1)
   mesh1, mesh8 = parallel.make_mesh(1), parallel.make_mesh(8)
@@ -136,18 +176,9 @@ def main():
     eight, m8 = per_device_bytes(compiled8)
     rows.append((name, one, eight, m8, compiled8))
 
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
   print("## Class-sharded head (benchmarks/head.py)\n")
-  print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"commit: {commit.strip()}; jax {jax.__version__}")
-  print(f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores "
-        f"(shared with other jobs), 8 simulated CPU devices "
-        f"(`--xla_force_host_platform_device_count=8`)")
-  print(f"- command: `python benchmarks/head.py --steps {args.steps}"
-        f"{' --skip_full_step_time' if args.skip_full_step_time else ''}`")
-  print(f"- C = {NUM_CLASSES:,}, D = {DIM}, global batch {BATCH}, fp32 storage, USS (code), "
-        f"CosFace; step = loss + gradients (embeddings, W, b) + memory write, state donated\n")
+  header(f"python benchmarks/head.py --steps {args.steps}"
+         f"{' --skip_full_step_time' if args.skip_full_step_time else ''}", "USS (code), CosFace")
   print("| head | 1 device (GiB) | 8 devices, per device (GiB) | ratio × 8 "
         "| args / outputs / temps / aliased per device (GiB) |")
   print("|---|---|---|---|---|")

@@ -118,6 +118,9 @@ def make_case(kind, seed=0):
     cos[4, (labels[4] + 2) % C] = 1.0
   elif kind == "past_pi":  # θ_y + m > π (and the MagFace/AdaFace margins' too)
     cos[rows, labels] = np.array([-0.999, -0.99, -0.97, -0.95, -0.9, -0.8])
+    # negatives between the fallback cos_y − m·sin m and cos(θ_y + m), which rises past π:
+    # CurricularFace calls them hard by the latter
+    cos[rows[:2], (labels[:2] + 1) % C] = [-0.95, -0.93]
   elif kind == "norms":  # zero, tiny and huge feature norms, norms at the clip bounds
     norms = np.array([0.0, 1e-6, 1e6, 10.0, 110.0, 100.0])
   elif kind == "interior":

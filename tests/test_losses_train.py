@@ -1,6 +1,6 @@
 """Each loss variant of the recipes trains the demo smoke run to completion, with USS in its
-second epoch, with and without PartialFC; and the command line refuses what the head cannot
-run. (The loss arithmetic is tested in test_losses_margin.py and, sharded, in
+second epoch, with PartialFC, gradient accumulation or bf16 head storage; and the command line
+refuses what the head cannot run. (The loss arithmetic is tested in test_losses_margin.py and, sharded, in
 tests/multidevice/test_head_losses.py.)"""
 
 import json
@@ -29,8 +29,14 @@ if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
 # configs/demo.py:smoke shrunk to 4 steps (2 epochs of 2): the loss alone, then + USS.
 TINY = {"model.width": 4, "model.num_features": 32, "data.max_examples": 16,
         "num_epochs": 2, "checkpoint_every_steps": 4, "compilation_cache": False}
-# PartialFC on alternate variants: 20 of the 40 demo classes a step.
-PARTIAL_FC = {"combined": 0.5, "curricularface": 0.5, "normbce": 0.5}
+# Each variant with another of the settings it must compose with: PartialFC (20 of the 40
+# demo classes a step), gradient accumulation over 2 micro-batches, bf16 storage of W and M.
+SETTINGS = {"combined": {"loss.sample_rate": 0.5},
+            "curricularface": {"loss.sample_rate": 0.5},
+            "normbce": {"loss.sample_rate": 0.5, "loss.head_dtype": "bfloat16"},
+            "adaface": {"optimizer.grad_accum_steps": 2},
+            "uce": {"optimizer.grad_accum_steps": 2},
+            "magface": {"loss.head_dtype": "bfloat16"}}
 
 
 def _config(variant, **settings):
@@ -42,8 +48,7 @@ def _config(variant, **settings):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", default.LOSS_VARIANTS)
 def test_loss_variant_trains_the_smoke_run_to_completion(variant, tmp_path):
-  rate = PARTIAL_FC.get(variant, 1.0)
-  config = _config(variant, **{"loss.sample_rate": rate})
+  config = _config(variant, **SETTINGS[variant])
   last = train.train_and_evaluate(config, tmp_path)
   assert all(np.isfinite(last[k]) for k in ("loss", "s2c", "s2s", "grad_norm"))
   assert last["s2s"] > 0  # USS on in the second epoch
@@ -130,3 +135,14 @@ def test_main_refuses_a_loss_the_head_cannot_run(tmp_path):
   assert "config.loss.combined_m1 = 1.2" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_loss_option_of_the_config_reaches_the_head():
+  config = demo.get_config()
+  for i, name in enumerate(head.S2C_OPTIONS):
+    if name != "combined_form":
+      config.loss[name] = 0.125 * (i + 1)
+  config.loss.combined_form = "arcface_torch"
+  head_config = train.head_config(config)
+  for name in head.S2C_OPTIONS:
+    assert getattr(head_config, name) == config.loss[name], name
