@@ -30,9 +30,9 @@ SCENARIOS = MULTIDEVICE / "head_scenarios.py"
 # x 4 (class biases), the compiled-program check, PartialFC (scenario, 3 keys x 3 checks,
 # different keys).
 SHARDED_TESTS = 5 * 4 * 4 + 3 * 4 + 4 + 1 + 1 + 3 * 3 + 1
-# tests/multidevice/test_head_losses.py: 8 loss configurations x 2 device counts x (losses
-# and gradients, statistics), PartialFC per configuration, 3 stateful losses resumed.
-LOSS_TESTS = 8 * 2 * 2 + 8 + 3
+# tests/multidevice/test_head_losses.py: 8 loss configurations x (losses and gradients,
+# statistics) on 8 devices, PartialFC per configuration, 3 stateful losses resumed.
+LOSS_TESTS = 8 * 2 + 8 + 3
 
 
 def _env(devices):
