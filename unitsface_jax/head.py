@@ -438,7 +438,8 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
 
   Call it inside ``jax.jit`` (and ``jax.grad`` with ``has_aux=True``): the loss terms are
   differentiable w.r.t. ``embeddings``, ``state.params.w`` and ``state.params.bias`` (and
-  ``class_bias`` for s2s BCE). Combine the terms with ``losses.unitsface_objective``.
+  ``class_bias`` for s2s BCE, ``s2c_bias`` for normalized BCE and UCE). Combine the terms with
+  ``losses.unitsface_objective``; MagFace's "s2c" term includes λ_g·g(‖f‖).
 
   Args:
     state: the head state, sharded as ``head_shardings(mesh)``.
@@ -459,7 +460,8 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
     new_state: memory/seen updated with this batch, ``initialized`` set once active, and
     ``params.bias``/``params.class_bias`` holding their first value on the first active
     step (apply this step's optimizer update to these values; their gradient flows as if
-    they had been the parameters, as in the official code).
+    they had been the parameters, as in the official code); ``buffers.s2c_stats`` (AdaFace,
+    CurricularFace) updated with this batch, the values this step's loss used.
   """
   num_shards = mesh.shape[DEVICE_AXIS]
   k = num_sampled(config, num_shards, embeddings.shape[0])
