@@ -146,3 +146,21 @@ def test_every_loss_option_of_the_config_reaches_the_head():
   head_config = train.head_config(config)
   for name in head.S2C_OPTIONS:
     assert getattr(head_config, name) == config.loss[name], name
+
+
+def test_loss_state_starts_at_the_reference_values():
+  """log(10·C) (CVI-SZU/UniTSFace head.py), AdaFace's 20 and 100, CurricularFace's t = 0."""
+  import math
+  from unitsface_jax import parallel
+  mesh = parallel.make_mesh()
+  want = {"normalized_bce": ({"bias": np.full(13, math.log(130.0))}, {}),
+          "uce": ({"bias": math.log(130.0)}, {}),
+          "adaface": ({}, {"norm_mean": 20.0, "norm_std": 100.0}),
+          "curricularface": ({}, {"t": 0.0}),
+          "magface": ({}, {}), "combined": ({}, {})}
+  for name, (bias, stats) in want.items():
+    state = head.init_head_state(jax.random.key(0), head.HeadConfig(13, 4, s2c_loss=name), mesh)
+    for got, expected in ((state.params.s2c_bias, bias), (state.buffers.s2c_stats, stats)):
+      assert got.keys() == expected.keys(), name
+      for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-7, err_msg=f"{name} {key}")
