@@ -1,7 +1,7 @@
 """Each loss variant of the recipes trains the demo smoke run to completion, with USS in its
-second epoch, with PartialFC, gradient accumulation or bf16 head storage; and the command line
-refuses what the head cannot run. (The loss arithmetic is tested in test_losses_margin.py and, sharded, in
-tests/multidevice/test_head_losses.py.)"""
+second epoch, with PartialFC, gradient accumulation or bf16 head storage; and the command
+line refuses what the head cannot run. (The loss arithmetic is tested in
+test_losses_margin.py and, sharded, in tests/multidevice/test_head_losses.py.)"""
 
 import json
 import os
