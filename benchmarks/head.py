@@ -9,10 +9,14 @@ r = 0.1; issue 4) or ``--dataset=wf42m`` (C = 2,059,906, global batch 4096 as
   * the largest array shapes in the compiled per-device program, and whether any array has
     a [global batch, C] block (it must not on 8 devices);
   * wall time of the compiled step on the 8 simulated devices (glint360k only: WebFace42M's
-    step needs more host memory than a workstation has; its numbers come from compiling).
+    step needs more host memory than a workstation has; its numbers come from compiling);
+  * with ``--losses``, instead: every sample-to-class loss's per-device memory (r = 1 and
+    r = 0.1) and step time (r = 0.1) on 8 devices beside CosFace's, as ratios, at Glint360K
+    scale (issue 15).
 
 Usage (from the repository root):
   python benchmarks/head.py [--dataset glint360k|wf42m] [--steps 3] [--skip_full_step_time]
+  python benchmarks/head.py --losses [--steps 3]
 Writes a Markdown section to stdout; paste it into BENCHMARKS.md.
 """
 
@@ -66,7 +70,7 @@ def step_fn(config, mesh):
 
 
 def abstract_args(config, mesh):
-  shardings = head.head_shardings(mesh)
+  shardings = head.head_shardings(mesh, config)
   state = jax.eval_shape(lambda k: head.init_head_state(k, config, mesh), jax.random.key(0))
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        state, shardings)
@@ -138,14 +142,52 @@ def cpu_model():
   return platform.processor() or "unknown CPU"
 
 
+def header(command, what):
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+  print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"commit: {commit.strip()}; jax {jax.__version__}")
+  print(f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores "
+        f"(shared with other jobs; load average {os.getloadavg()[0]:.1f} at the start), "
+        f"8 simulated CPU devices (`--xla_force_host_platform_device_count=8`)")
+  print(f"- command: `{command}`")
+  print(f"- C = {NUM_CLASSES:,}, D = {DIM}, global batch {BATCH}, fp32 storage, {what}; "
+        "step = loss + gradients (embeddings, W, b) + memory write, state donated\n")
+
+
+def losses_table(steps):
+  """Each sample-to-class loss (USS on) beside CosFace on 8 devices: memory and step time."""
+  mesh8 = parallel.make_mesh(8)
+  print("## Every sample-to-class loss in the head (benchmarks/head.py --losses)\n")
+  header(f"python benchmarks/head.py --losses --steps {steps}", "USS (code), every s2c loss")
+  print("| loss | per device, r = 1 (GiB) | × CosFace | per device, r = 0.1 (GiB) | × CosFace "
+        "| step r = 0.1, best (s) | × CosFace |")
+  print("|---|---|---|---|---|---|---|")
+  base = None
+  for name in head.S2C_LOSSES:
+    full = head.HeadConfig(NUM_CLASSES, DIM, s2c_loss=name)
+    sampled = head.HeadConfig(NUM_CLASSES, DIM, s2c_loss=name, sample_rate=0.1)
+    row = (per_device_bytes(compile_step(full, mesh8))[0],
+           per_device_bytes(compile_step(sampled, mesh8))[0],
+           time_step(sampled, mesh8, steps)[0])
+    base = base or row
+    print(f"| {name} | {row[0] / GIB:.3f} | {row[0] / base[0]:.3f} | {row[1] / GIB:.3f} | "
+          f"{row[1] / base[1]:.3f} | {row[2]:.2f} | {row[2] / base[2]:.2f} |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--skip_full_step_time", action="store_true",
                       help="time only r = 0.1 (the r = 1 step needs ~10 GB of host memory)")
   parser.add_argument("--dataset", choices=sorted(DATASETS), default="glint360k")
+  parser.add_argument("--losses", action="store_true",
+                      help="every sample-to-class loss beside CosFace (memory, step time)")
   args = parser.parse_args()
   assert jax.device_count() >= 8, "needs 8 (simulated) devices"
+  if args.losses:
+    losses_table(args.steps)
+    return
   global NUM_CLASSES, BATCH
   NUM_CLASSES, BATCH, rate = DATASETS[args.dataset]
   full = head.HeadConfig(NUM_CLASSES, DIM)
@@ -164,18 +206,9 @@ def main():
     del compiled1
     rows.append((name, one, eight, m8, compiled8, wide1))
 
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
   print("## Class-sharded head (benchmarks/head.py)\n")
-  print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"commit: {commit.strip()}; jax {jax.__version__}")
-  print(f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores "
-        f"(shared with other jobs), 8 simulated CPU devices "
-        f"(`--xla_force_host_platform_device_count=8`)")
-  print(f"- command: `python benchmarks/head.py --dataset {args.dataset} --steps {args.steps}"
-        f"{' --skip_full_step_time' if args.skip_full_step_time else ''}`")
-  print(f"- C = {NUM_CLASSES:,}, D = {DIM}, global batch {BATCH}, fp32 storage, USS (code), "
-        f"CosFace; step = loss + gradients (embeddings, W, b) + memory write, state donated\n")
+  header(f"python benchmarks/head.py --dataset {args.dataset} --steps {args.steps}"
+         f"{' --skip_full_step_time' if args.skip_full_step_time else ''}", "USS (code), CosFace")
   print("| head | 1 device (GiB) | 8 devices, per device (GiB) | ratio × 8 "
         "| args / outputs / temps / aliased per device (GiB) |")
   print("|---|---|---|---|---|")

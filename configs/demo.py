@@ -4,17 +4,19 @@
 accuracy before and after training; ``configs/demo.py:smoke`` runs 16 steps on 64 images
 with a quarter-width IResNet-18 (tests, CI). The data ship with the package
 (``unitsface_jax/data/demo/``): a RecordIO set of images 1-8 of each identity, and a
-verification .bin of pairs from the held-out images 9 and 10.
+verification .bin of pairs from the held-out images 9 and 10. A loss variant
+(``configs/demo.py:adaface``, ...; ``default.LOSS_VARIANTS``) trains with that loss instead of
+CosFace, so two runs compare two losses on the same faces (README.md, "Losses").
 """
 
 from configs import default
 from unitsface_jax.data import demo as demo_data
 
-VARIANTS = ("smoke",)
+VARIANTS = ("smoke",) + default.LOSS_VARIANTS
 
 
 def get_config(arg=None):
-  """Demo recipe; variants: smoke."""
+  """Demo recipe; variants: smoke and the loss variants."""
   variants = default.variants(arg, known=VARIANTS)
   config = default.get_config()
   config.model.name = "iresnet18"
@@ -33,6 +35,7 @@ def get_config(arg=None):
   config.eval.bins = (str(demo_data.demo_bin_path()),)
   config.eval.every_steps = 20
   config.eval.before_training = True
+  default.set_loss(config, variants)
   if "smoke" in variants:  # 16 steps on 64 images: CosFace in epoch 0, + USS in epoch 1
     config.num_epochs = 2
     config.batch_size = 8

@@ -89,3 +89,28 @@ def test_restores_onto_other_device_counts_pass_on_8_devices(multidevice_pytest)
   run the same way."""
   multidevice_pytest("test_restore.py", RESTORE_TESTS, timeout=600,
                      xla_flags=("--xla_backend_optimization_level=0",))
+
+
+def test_restore_matches_arrays_by_path_whatever_empty_containers(tmp_path):
+  """A loss without state keeps empty dicts in the head state (head.HeadParams.s2c_bias,
+  HeadBuffers.s2c_stats): a checkpoint written before they existed restores into a state
+  that has them, and an array on disk that this run lacks is refused, named."""
+  from unitsface_jax import head
+  from unitsface_jax import parallel
+  mesh = parallel.make_mesh()
+  ckpt = checkpoint.Checkpoints(tmp_path, every_steps=1, keep=2, with_data=False)
+  old = {"memory": jnp.ones((2, 3)), "seen": jnp.array([True, False]),
+         "initialized": jnp.bool_(True)}
+  ckpt.save(1, {"buffers": old})
+  ckpt.save(2, {"buffers": {**old, "s2c_stats": {"t": jnp.float32(0.5)}}})
+  ckpt.wait()
+  fresh = {"buffers": head.HeadBuffers(memory=jnp.zeros((2, 3)), seen=jnp.zeros(2, bool),
+                                       initialized=jnp.bool_(False))}
+  restored = checkpoint.restore_state(ckpt, 1, fresh, mesh)
+  assert restored["buffers"].s2c_stats == {}
+  np.testing.assert_array_equal(restored["buffers"].seen, [True, False])
+  with pytest.raises(ValueError, match=r"has an array buffers/s2c_stats/t this run does not"):
+    checkpoint.restore_state(ckpt, 2, fresh, mesh)
+  with_t = {"buffers": fresh["buffers"]._replace(s2c_stats={"t": jnp.float32(0.0)})}
+  assert float(checkpoint.restore_state(ckpt, 2, with_t, mesh)["buffers"].s2c_stats["t"]) == 0.5
+  ckpt.close()

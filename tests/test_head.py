@@ -30,6 +30,9 @@ SCENARIOS = MULTIDEVICE / "head_scenarios.py"
 # x 4 (class biases), the compiled-program check, PartialFC (scenario, 3 keys x 3 checks,
 # different keys).
 SHARDED_TESTS = 5 * 4 * 4 + 3 * 4 + 4 + 1 + 1 + 3 * 3 + 1
+# tests/multidevice/test_head_losses.py: 8 loss configurations x (losses and gradients,
+# statistics) on 8 devices, PartialFC per configuration, 3 stateful losses resumed.
+LOSS_TESTS = 8 * 2 + 8 + 3
 
 
 def _env(devices):
@@ -46,6 +49,13 @@ def test_sharded_head_tests_pass_on_8_devices(multidevice_pytest):
   """tests/multidevice/test_head_sharded.py on 8 simulated devices: every test runs and
   passes, none skipped."""
   multidevice_pytest("test_head_sharded.py", SHARDED_TESTS, timeout=480)
+
+
+@pytest.mark.slow
+def test_every_s2c_loss_sharded_on_8_devices(multidevice_pytest):
+  """tests/multidevice/test_head_losses.py on 8 simulated devices: combined margin, AdaFace,
+  CurricularFace, MagFace, normalized BCE and UCE, sharded, with PartialFC, resumed."""
+  multidevice_pytest("test_head_losses.py", LOSS_TESTS, timeout=600)
 
 
 def _topology(results):

@@ -22,7 +22,7 @@ ALLOWED = {
     "data": set(),
     "head": {"losses", "parallel"},
     "checkpoint": {"models", "parallel"},
-    "config_checks": {"models"},
+    "config_checks": {"head", "models"},
     "evaluation": {"data", "parallel"},
     "export": {"models"},
     "finetune": {"checkpoint", "export", "models"},

@@ -108,10 +108,13 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
 
+  def saved_tree(self, step: int) -> Any:
+    """The saved ``state``'s structure, with orbax's metadata (``shape``, ...) as leaves."""
+    return self._manager.item_metadata(step)["state"]
+
   def saved_shapes(self, step: int) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every array of the saved ``state``, keyed by its path (see ``path_names``)."""
-    tree = self._manager.item_metadata(step)["state"]
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    flat, _ = jax.tree_util.tree_flatten_with_path(self.saved_tree(step), is_leaf=_is_array)
     return {path_names(p): tuple(v.shape) for p, v in flat}
 
   def restore_config(self, step: int | None = None) -> dict:
@@ -127,6 +130,10 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, "shape")
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -156,14 +163,16 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
   ``state`` is this run's freshly built state: its shapes, dtypes and shardings are the
   target. The class-sharded arrays hold C padded to a multiple of the device count; when the
   saving run had another count they are read whole and re-padded with zero rows (or their
-  padding rows cut) to this run's size. Any other difference in shape, or a missing array,
-  is an error naming the array: the checkpoint belongs to another model or config.
+  padding rows cut) to this run's size. Any other difference in shape, a missing array or
+  one this run does not have, is an error naming the array: the checkpoint belongs to another
+  model or config. Arrays are matched by path, so containers without arrays (the empty
+  loss-state dicts of ``head.HeadParams``/``HeadBuffers``) need not be on disk.
   """
   target = abstract_like(state)
   saved = ckpt.saved_shapes(step)
   flat, treedef = jax.tree_util.tree_flatten_with_path(target)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  read = []
+  read = {}
   for path, t in flat:
     name = jax.tree_util.keystr(path)
     shape = saved.get(path_names(path))
@@ -175,9 +184,18 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
         raise ValueError(f"checkpoint {step} in {ckpt.directory}: {name} has shape {shape}, "
                          f"this run expects {t.shape}")
       t = jax.ShapeDtypeStruct(shape, t.dtype, sharding=replicated)
-    read.append(t)
-  restored = ckpt.restore(step, jax.tree_util.tree_unflatten(treedef, read),
-                          data_iterator=data_iterator)
+    read[path_names(path)] = t
+  extra = sorted(set(saved) - set(read))
+  if extra:
+    raise ValueError(f"checkpoint {step} in {ckpt.directory} has an array {'/'.join(extra[0])} "
+                     "this run does not: it was written by another model/config")
+  # Read in the saved structure (which may differ from this run's in empty containers),
+  # then put each array at its place in this run's.
+  on_disk = jax.tree_util.tree_map_with_path(lambda p, _: read[path_names(p)],
+                                             ckpt.saved_tree(step), is_leaf=_is_array)
+  values = {path_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      ckpt.restore(step, on_disk, data_iterator=data_iterator))[0]}
+  restored = jax.tree_util.tree_unflatten(treedef, [values[path_names(p)] for p, _ in flat])
 
   def fit(x, t):
     if x.shape == t.shape:

@@ -7,13 +7,15 @@ meaningless (a negative batch, an unknown model, a margin outside its range).
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from unitsface_jax import head
 from unitsface_jax import models
 
-# The sample-to-class losses the class-sharded head computes. (``losses.normalized_bce`` and
-# ``losses.uce`` exist as functions but the head does not run them.)
-S2C_LOSSES = ("cosface", "arcface")
+# The sample-to-class losses the class-sharded head computes.
+S2C_LOSSES = head.S2C_LOSSES
 S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
 SCHEDULES = ("multistep", "polynomial")
 OPTIMIZERS = ("sgd", "adamw")
@@ -61,6 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(c.loss[field] > 0, f"loss.{field}", c.loss[field], "must be positive")
   for field in ("s2c_margin", "s2s_margin"):
     _require(0.0 <= c.loss[field] < 1.0, f"loss.{field}", c.loss[field], "must be in [0, 1)")
+  _validate_s2c_options(c)
   _require(c.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", c.loss.uss_start_epoch,
            "must be >= 0")
   _require(0.0 < c.loss.sample_rate <= 1.0, "loss.sample_rate", c.loss.sample_rate,
@@ -102,3 +105,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
            c.debug.signal_after_step, "must be >= 0 (0: off)")
   _require(c.debug.signal in DRILL_SIGNALS, "debug.signal", c.debug.signal,
            f"must be one of {DRILL_SIGNALS}")
+
+
+def _validate_s2c_options(c: ml_collections.ConfigDict) -> None:
+  """The options of the chosen sample-to-class loss (the others are not read)."""
+  loss = c.loss
+  if loss.s2c == "combined":
+    _require(loss.combined_form in head.COMBINED_FORMS, "loss.combined_form",
+             loss.combined_form, f"must be one of {head.COMBINED_FORMS}")
+    _require(loss.combined_m1 > 0, "loss.combined_m1", loss.combined_m1, "must be positive")
+    _require(0.0 <= loss.combined_m2 < math.pi, "loss.combined_m2", loss.combined_m2,
+             "must be in [0, π)")
+    _require(0.0 <= loss.combined_m3 < 1.0, "loss.combined_m3", loss.combined_m3,
+             "must be in [0, 1)")
+    if loss.combined_form == "arcface_torch":
+      _require(loss.combined_m3 > 0 or loss.combined_m1 == 1.0, "loss.combined_m1",
+               loss.combined_m1, "arcface_torch's CombinedMarginLoss runs m3 > 0 (CosFace) or "
+               "m1 = 1 with m3 = 0 (ArcFace) only; use combined_form = 'formula'")
+  if loss.s2c == "adaface":
+    _require(loss.adaface_h >= 0, "loss.adaface_h", loss.adaface_h, "must be >= 0")
+    _require(0.0 < loss.adaface_t_alpha <= 1.0, "loss.adaface_t_alpha", loss.adaface_t_alpha,
+             "must be in (0, 1]")
+    _require(c.batch_size >= 2, "batch_size", c.batch_size,
+             "AdaFace's norm statistics need a global batch of at least 2 (an unbiased std)")
+  if loss.s2c == "curricularface":
+    _require(0.0 < loss.curricular_alpha <= 1.0, "loss.curricular_alpha",
+             loss.curricular_alpha, "must be in (0, 1]")
+  if loss.s2c == "magface":
+    _require(loss.magface_l_a > 0, "loss.magface_l_a", loss.magface_l_a, "must be positive")
+    _require(loss.magface_u_a > loss.magface_l_a, "loss.magface_u_a", loss.magface_u_a,
+             f"must be > loss.magface_l_a = {loss.magface_l_a}")
+    _require(0.0 <= loss.magface_l_m < math.pi / 2, "loss.magface_l_m", loss.magface_l_m,
+             "must be in [0, π/2)")
+    _require(loss.magface_l_m <= loss.magface_u_m < math.pi / 2, "loss.magface_u_m",
+             loss.magface_u_m, f"must be in [loss.magface_l_m = {loss.magface_l_m}, π/2)")
+    _require(loss.magface_lambda_g >= 0, "loss.magface_lambda_g", loss.magface_lambda_g,
+             "must be >= 0")

@@ -7,7 +7,10 @@ embeddings and labels, computes cosines against its own rows only, and finishes 
 reductions of the loss family (``unitsface_jax.losses``) with ``psum``/``pmax``: logits exist
 only as [global batch, local classes] per device, never [global batch, C]. Then each device
 writes the batch's features into the memory rows it owns (last occurrence wins across the
-global batch). PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
+global batch). The sample-to-class loss is any of ``S2C_LOSSES`` (CosFace, ArcFace, the
+combined margin, AdaFace, CurricularFace, MagFace, normalized BCE, UCE); AdaFace's and
+CurricularFace's running statistics are computed from the gathered global batch, so they are
+the same on every device. PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
 partial_fc_v2.py) keeps a fixed number k of local classes per step, positives forced, so the
 step compiles once.
 """
@@ -24,10 +27,22 @@ from jax.sharding import PartitionSpec as P
 
 from unitsface_jax import losses
 from unitsface_jax.losses import class_axis
+from unitsface_jax.losses import margin as margin_lib
 from unitsface_jax.losses import sample_to_class
 from unitsface_jax.losses import sample_to_sample
 from unitsface_jax.parallel import DEVICE_AXIS
 from unitsface_jax.parallel import padded_classes
+
+
+# The sample-to-class losses the head computes (``HeadConfig.s2c_loss``).
+S2C_LOSSES = ("cosface", "arcface", "combined", "adaface", "curricularface", "magface",
+              "normalized_bce", "uce")
+# The forms of the combined margin (``HeadConfig.combined_form``).
+COMBINED_FORMS = ("formula", "arcface_torch")
+# The HeadConfig fields of the sample-to-class losses' options, named as in ``config.loss``.
+S2C_OPTIONS = ("combined_m1", "combined_m2", "combined_m3", "combined_form", "adaface_h",
+               "adaface_t_alpha", "curricular_alpha", "magface_l_a", "magface_u_a",
+               "magface_l_m", "magface_u_m", "magface_lambda_g")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +52,22 @@ class HeadConfig:
   Attributes:
     num_classes: C, the number of identities.
     embedding_dim: D.
-    s2c_loss: "cosface" or "arcface".
+    s2c_loss: one of ``S2C_LOSSES``.
     s2c_scale: s of the sample-to-class loss.
-    s2c_margin: m of the sample-to-class loss (CosFace 0.4, ArcFace 0.5).
-    arcface_straight_through: ArcFace margin without gradient (insightface behaviour).
+    s2c_margin: m of the sample-to-class loss (CosFace 0.4, ArcFace 0.5, AdaFace 0.4,
+      CurricularFace 0.5, normalized BCE and UCE 0.4; unused by the combined margin and
+      MagFace).
+    arcface_straight_through: ArcFace (and combined) margin without gradient (insightface
+      behaviour).
+    combined_m1, combined_m2, combined_m3: the combined margin cos(m1·θ + m2) − m3.
+    combined_form: "formula" (that formula for any m1, m2, m3) or "arcface_torch"
+      (insightface arcface_torch ``CombinedMarginLoss``: m3 > 0 runs CosFace with m3 and
+      ignores m1, m2; m1 = 1, m3 = 0 runs ArcFace with m2 and a gradient-free margin; no
+      other combination).
+    adaface_h, adaface_t_alpha: AdaFace's h and the EMA weight of its norm statistics.
+    curricular_alpha: the EMA weight of CurricularFace's t.
+    magface_l_a, magface_u_a, magface_l_m, magface_u_m, magface_lambda_g: MagFace's norm
+      range, margin range and regulariser weight λ_g.
     s2s_loss: "uss", "s2s_softmax", "s2s_bce" or "none".
     s2s_scale: s of the sample-to-sample loss.
     s2s_margin: m of the sample-to-sample loss.
@@ -60,6 +87,18 @@ class HeadConfig:
   s2s_scale: float = 64.0
   s2s_margin: float = 0.1
   uss_form: str = "code"
+  combined_m1: float = 1.0
+  combined_m2: float = 0.3
+  combined_m3: float = 0.2
+  combined_form: str = "formula"
+  adaface_h: float = 0.333
+  adaface_t_alpha: float = 0.01
+  curricular_alpha: float = 0.01
+  magface_l_a: float = 10.0
+  magface_u_a: float = 110.0
+  magface_l_m: float = 0.45
+  magface_u_m: float = 0.8
+  magface_lambda_g: float = 35.0
   sample_rate: float = 1.0
   storage_dtype: str = "float32"
   matmul_precision: str | None = "highest"
@@ -72,10 +111,14 @@ class HeadParams(NamedTuple):
     w: [C_pad, D] class centres, class-sharded.
     bias: [] the USS bias b (threshold t = b/s), replicated.
     class_bias: [C_pad] the per-class bias of s2s BCE, class-sharded.
+    s2c_bias: the bias of the sample-to-class loss, {"bias": [C_pad] class-sharded} for
+      normalized BCE, {"bias": []} replicated for UCE, {} for the other losses (so their
+      checkpoints hold no such array).
   """
   w: jax.Array
   bias: jax.Array
   class_bias: jax.Array
+  s2c_bias: dict = {}
 
 
 class HeadBuffers(NamedTuple):
@@ -85,10 +128,13 @@ class HeadBuffers(NamedTuple):
     memory: [C_pad, D] last feature seen per class, class-sharded.
     seen: [C_pad] bool, memory rows written at least once, class-sharded.
     initialized: [] bool, b (and the class biases) took their data-dependent first value.
+    s2c_stats: running statistics of the global batch, replicated: {"norm_mean", "norm_std"}
+      for AdaFace, {"t"} for CurricularFace, {} for the other losses.
   """
   memory: jax.Array
   seen: jax.Array
   initialized: jax.Array
+  s2c_stats: dict = {}
 
 
 class HeadState(NamedTuple):
@@ -113,16 +159,43 @@ def num_sampled(config: HeadConfig, num_shards: int, global_batch: int) -> int:
   return min(local, max(math.ceil(config.sample_rate * local), global_batch))
 
 
-def head_specs() -> HeadState:
-  """PartitionSpecs of the head state: rows split over ``DEVICE_AXIS``, scalars replicated."""
+def s2c_initial_state(config: HeadConfig | None, padded: int) -> tuple[dict, dict]:
+  """Initial (s2c_bias, s2c_stats) of the sample-to-class loss; [C_pad] arrays are class rows.
+
+  The biases of normalized BCE and UCE start at log(10·C) (CVI-SZU/UniTSFace head.py,
+  ``nn.init.constant_``), padded rows at 0; AdaFace's statistics at 20 and 100
+  (mk-minchul/AdaFace head.py); CurricularFace's t at 0 (HuangYG123/CurricularFace).
+  """
+  name = config.s2c_loss if config is not None else None
+  if name in ("normalized_bce", "uce"):
+    value = sample_to_class.initial_bce_bias(config.num_classes)
+    if name == "uce":
+      return {"bias": jnp.float32(value)}, {}
+    real = jnp.arange(padded) < config.num_classes
+    return {"bias": jnp.where(real, value, 0.0).astype(jnp.float32)}, {}
+  if name == "adaface":
+    return {}, {"norm_mean": jnp.float32(20.0), "norm_std": jnp.float32(100.0)}
+  if name == "curricularface":
+    return {}, {"t": jnp.float32(0.0)}
+  return {}, {}
+
+
+def head_specs(config: HeadConfig | None = None) -> HeadState:
+  """PartitionSpecs of the head state: rows split over ``DEVICE_AXIS``, scalars replicated.
+
+  Without ``config``, the state of a loss with no bias or statistics (CosFace, ArcFace).
+  """
   rows = P(DEVICE_AXIS)
-  return HeadState(HeadParams(w=rows, bias=P(), class_bias=rows),
-                   HeadBuffers(memory=rows, seen=rows, initialized=P()))
+  s2c_bias, s2c_stats = jax.eval_shape(lambda: s2c_initial_state(config, 1))
+  bias_specs = jax.tree.map(lambda x: rows if x.ndim else P(), s2c_bias)
+  return HeadState(HeadParams(w=rows, bias=P(), class_bias=rows, s2c_bias=bias_specs),
+                   HeadBuffers(memory=rows, seen=rows, initialized=P(),
+                               s2c_stats=jax.tree.map(lambda _: P(), s2c_stats)))
 
 
-def head_shardings(mesh: Mesh) -> HeadState:
+def head_shardings(mesh: Mesh, config: HeadConfig | None = None) -> HeadState:
   """NamedShardings of the head state on ``mesh``."""
-  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), head_specs())
+  return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), head_specs(config))
 
 
 def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState:
@@ -130,7 +203,8 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
 
   W ~ N(0, 1/D), the kaiming-normal (a=1, fan_in) initialisation of CVI-SZU/UniTSFace
   head.py; padded rows are zero. M is zero and unseen, b and the class biases are 0 until
-  their first use (head.py initialises b from data when it is ≤ 0).
+  their first use (head.py initialises b from data when it is ≤ 0); the loss's own bias and
+  statistics take their reference initial values (``s2c_initial_state``).
   """
   padded = padded_classes(config.num_classes, mesh.shape[DEVICE_AXIS])
   dtype = jnp.dtype(config.storage_dtype)
@@ -139,14 +213,15 @@ def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState
     w = jax.random.normal(key, (padded, config.embedding_dim), jnp.float32)
     w = w / math.sqrt(config.embedding_dim)
     w = jnp.where((jnp.arange(padded) < config.num_classes)[:, None], w, 0.0)
+    s2c_bias, s2c_stats = s2c_initial_state(config, padded)
     params = HeadParams(w=w.astype(dtype), bias=jnp.zeros((), jnp.float32),
-                        class_bias=jnp.zeros((padded,), jnp.float32))
+                        class_bias=jnp.zeros((padded,), jnp.float32), s2c_bias=s2c_bias)
     buffers = HeadBuffers(memory=jnp.zeros((padded, config.embedding_dim), dtype),
                           seen=jnp.zeros((padded,), jnp.bool_),
-                          initialized=jnp.zeros((), jnp.bool_))
+                          initialized=jnp.zeros((), jnp.bool_), s2c_stats=s2c_stats)
     return HeadState(params, buffers)
 
-  return jax.jit(init, out_shardings=head_shardings(mesh))(key)
+  return jax.jit(init, out_shardings=head_shardings(mesh, config))(key)
 
 
 def _pick_classes(key, offset, local_labels, real, num_sampled_classes):
@@ -236,20 +311,86 @@ def _s2s_term(config: HeadConfig, state: HeadState, cos_m: jax.Array, cols: _Col
   raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
 
 
-def _s2c_logits(config: HeadConfig, cos_w: jax.Array, target: jax.Array) -> jax.Array:
-  """Margin logits of the sample-to-class loss [B, k]."""
-  if config.s2c_loss == "cosface":
-    return config.s2c_scale * (cos_w - config.s2c_margin * target)
-  if config.s2c_loss == "arcface":
-    return sample_to_class.arcface_logits(
-        cos_w, target, scale=config.s2c_scale, margin=config.s2c_margin,
+def _combined_logits(config: HeadConfig, cos_w: jax.Array, target: jax.Array) -> jax.Array:
+  """The combined margin's logits in the configured form (see ``HeadConfig``)."""
+  m1, m2, m3, s = (config.combined_m1, config.combined_m2, config.combined_m3,
+                   config.s2c_scale)
+  if config.combined_form == "formula":
+    return margin_lib.combined_margin_logits(
+        cos_w, target, scale=s, m1=m1, m2=m2, m3=m3,
         straight_through=config.arcface_straight_through)
-  raise ValueError(f"unknown s2c_loss {config.s2c_loss!r}")
+  if config.combined_form != "arcface_torch":
+    raise ValueError(f"unknown combined_form {config.combined_form!r}")
+  # insightface arcface_torch losses.py CombinedMarginLoss: two branches, nothing else.
+  if m3 > 0:
+    return s * (cos_w - m3 * target)
+  if m1 == 1.0 and m3 == 0.0:
+    return margin_lib.combined_margin_logits(cos_w, target, scale=s, m1=1.0, m2=m2, m3=0.0,
+                                             straight_through=True)
+  raise ValueError(f"arcface_torch's combined margin runs m3 > 0 or (m1, m3) = (1, 0), got "
+                   f"{(m1, m2, m3)}")
+
+
+def _s2c_term(config: HeadConfig, params: HeadParams, stats: dict, norms: jax.Array,
+              cos_w: jax.Array, cols: _Columns) -> tuple[jax.Array, dict]:
+  """The sample-to-class loss [B] and the running statistics after this batch.
+
+  Args:
+    config: what to compute.
+    params: this device's head parameters (the loss's bias).
+    stats: the running statistics (replicated): AdaFace's already updated with this batch
+      (``head_loss``), CurricularFace's before this step.
+    norms: [B] feature norms of the raw embeddings of the global batch (replicated).
+    cos_w: [B, k] cosines to the class rows ``cols.picked``.
+    cols: the columns scored.
+
+  Returns:
+    (per-sample loss [B], statistics after this step). They are functions of the global
+    batch only, so every device computes the same values.
+  """
+  name, s, m = config.s2c_loss, config.s2c_scale, config.s2c_margin
+  mask = jnp.broadcast_to(cols.real, cos_w.shape)
+
+  def cross_entropy(logits):
+    return class_axis.softmax_cross_entropy(logits, cols.target, mask, class_max=_class_max,
+                                            class_sum=_class_sum)
+
+  if name == "cosface":
+    return cross_entropy(s * (cos_w - m * cols.target)), stats
+  if name == "arcface":
+    return cross_entropy(sample_to_class.arcface_logits(
+        cos_w, cols.target, scale=s, margin=m,
+        straight_through=config.arcface_straight_through)), stats
+  if name == "combined":
+    return cross_entropy(_combined_logits(config, cos_w, cols.target)), stats
+  if name in ("normalized_bce", "uce"):
+    bias = params.s2c_bias["bias"]
+    bias = bias[cols.picked] if bias.ndim else bias
+    pos, neg = class_axis.threshold_bce(cos_w, cols.target, mask, bias, scale=s, margin=m,
+                                        class_sum=_class_sum)
+    return pos + neg, stats
+  if name == "adaface":
+    logits = margin_lib.adaface_logits(cos_w, cols.target, norms, stats["norm_mean"],
+                                       stats["norm_std"], scale=s, margin=m, h=config.adaface_h)
+    return cross_entropy(logits), stats
+  if name == "curricularface":
+    cos_y = _class_sum(jnp.sum(jnp.where(cols.target, cos_w, 0.0), axis=-1))
+    t = margin_lib.curricular_t(stats["t"], cos_y, alpha=config.curricular_alpha)
+    logits = margin_lib.curricular_logits(cos_w, cols.target, t, scale=s, margin=m,
+                                          class_sum=_class_sum)
+    return cross_entropy(logits), {"t": t}
+  if name == "magface":
+    kw = dict(l_a=config.magface_l_a, u_a=config.magface_u_a)
+    logits = margin_lib.magface_logits(cos_w, cols.target, norms, scale=s,
+                                       l_m=config.magface_l_m, u_m=config.magface_u_m, **kw)
+    regularizer = margin_lib.magface_regularizer(norms, **kw)
+    return cross_entropy(logits) + config.magface_lambda_g * regularizer, stats
+  raise ValueError(f"unknown s2c_loss {name!r}")
 
 
 def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array,
-                s2s_active: jax.Array, *, config: HeadConfig, num_sampled_classes: int
-                ) -> tuple[dict[str, jax.Array], HeadState]:
+                s2s_active: jax.Array, norms: jax.Array, *, config: HeadConfig,
+                num_sampled_classes: int) -> tuple[dict[str, jax.Array], HeadState]:
   """One device's share of ``head_loss`` (runs inside ``jax.shard_map``): its rows of the
   head state, its slice of the batch; returns the replicated loss terms and its rows of the
   new state."""
@@ -273,9 +414,7 @@ def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key:
   # Rows not picked are not read, so they get no gradient.
   cos_w = losses.cosine_similarity(features, params.w[picked],
                                    precision=config.matmul_precision)
-  s2c = class_axis.softmax_cross_entropy(
-      _s2c_logits(config, cos_w, cols.target), cols.target,
-      jnp.broadcast_to(cols.real, shape), class_max=_class_max, class_sum=_class_sum)
+  s2c, s2c_stats = _s2c_term(config, params, buffers.s2c_stats, norms, cos_w, cols)
 
   # Sample-to-sample term against the memory as it was before this step's write.
   cos_m = losses.cosine_similarity(features, jax.lax.stop_gradient(buffers.memory[picked]),
@@ -289,7 +428,7 @@ def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key:
   terms = {"s2c": s2c, "s2s": s2s,
            "sampled_classes": jnp.where(cols.real, offset + picked, -1)}
   return terms, HeadState(params, HeadBuffers(memory=memory, seen=seen,
-                                              initialized=initialized))
+                                              initialized=initialized, s2c_stats=s2c_stats))
 
 
 def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
@@ -299,7 +438,8 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
 
   Call it inside ``jax.jit`` (and ``jax.grad`` with ``has_aux=True``): the loss terms are
   differentiable w.r.t. ``embeddings``, ``state.params.w`` and ``state.params.bias`` (and
-  ``class_bias`` for s2s BCE). Combine the terms with ``losses.unitsface_objective``.
+  ``class_bias`` for s2s BCE, ``s2c_bias`` for normalized BCE and UCE). Combine the terms with
+  ``losses.unitsface_objective``; MagFace's "s2c" term includes λ_g·g(‖f‖).
 
   Args:
     state: the head state, sharded as ``head_shardings(mesh)``.
@@ -320,7 +460,8 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
     new_state: memory/seen updated with this batch, ``initialized`` set once active, and
     ``params.bias``/``params.class_bias`` holding their first value on the first active
     step (apply this step's optimizer update to these values; their gradient flows as if
-    they had been the parameters, as in the official code).
+    they had been the parameters, as in the official code); ``buffers.s2c_stats`` (AdaFace,
+    CurricularFace) updated with this batch, the values this step's loss used.
   """
   num_shards = mesh.shape[DEVICE_AXIS]
   k = num_sampled(config, num_shards, embeddings.shape[0])
@@ -328,9 +469,26 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
     if k < num_local_classes(config, num_shards):
       raise ValueError("PartialFC sampling (sample_rate < 1) needs a PRNG key")
     key = jax.random.key(0)
-  rows, specs = P(DEVICE_AXIS), head_specs()
+  rows, specs = P(DEVICE_AXIS), head_specs(config)
+  # The feature norms (AdaFace, MagFace) of the whole batch, replicated before any reduction
+  # over them, so every device reduces the same values in the same order on any mesh. They
+  # are computed here, not from the gathered features inside shard_map, whose values are
+  # typed as varying over the devices.
+  norms = jnp.zeros(embeddings.shape[:1], jnp.float32)
+  if config.s2c_loss in ("adaface", "magface"):
+    norms = jax.lax.with_sharding_constraint(
+        margin_lib.feature_norm(embeddings.astype(jnp.promote_types(embeddings.dtype,
+                                                                    jnp.float32))),
+        jax.sharding.NamedSharding(mesh, P()))
+  if config.s2c_loss == "adaface":
+    # mk-minchul/AdaFace head.py updates the statistics first, then uses them.
+    stats = state.buffers.s2c_stats
+    mean, std = margin_lib.adaface_statistics(norms, stats["norm_mean"], stats["norm_std"],
+                                              t_alpha=config.adaface_t_alpha)
+    state = state._replace(buffers=state.buffers._replace(
+        s2c_stats={"norm_mean": mean, "norm_std": std}))
   terms_specs = {"s2c": P(), "s2s": P(), "sampled_classes": rows}
   fn = jax.shard_map(
       functools.partial(_local_head, config=config, num_sampled_classes=k), mesh=mesh,
-      in_specs=(specs, rows, rows, P(), P()), out_specs=(terms_specs, specs))
-  return fn(state, embeddings, labels, key, jnp.asarray(s2s_active, jnp.bool_))
+      in_specs=(specs, rows, rows, P(), P(), P()), out_specs=(terms_specs, specs))
+  return fn(state, embeddings, labels, key, jnp.asarray(s2s_active, jnp.bool_), norms)

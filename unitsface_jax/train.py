@@ -89,7 +89,8 @@ def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
       s2c_loss=config.loss.s2c, s2c_scale=config.loss.s2c_scale,
       s2c_margin=config.loss.s2c_margin, s2s_loss=config.loss.s2s,
       s2s_scale=config.loss.s2s_scale, s2s_margin=config.loss.s2s_margin,
-      sample_rate=config.loss.sample_rate, storage_dtype=config.loss.head_dtype)
+      sample_rate=config.loss.sample_rate, storage_dtype=config.loss.head_dtype,
+      **{name: config.loss[name] for name in head_lib.S2C_OPTIONS})
 
 
 def init_state(config, mesh, tx, key):
@@ -242,6 +243,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int,
                                          .astype(jnp.float32)),
                # Lets a resumed or rescaled run be checked against another.
                "data_fingerprint": fingerprint}
+    # AdaFace's norm statistics, CurricularFace's t (none for the other losses).
+    metrics.update({f"s2c_{k}": v for k, v in new_head.buffers.s2c_stats.items()})
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,))

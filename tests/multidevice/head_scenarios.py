@@ -56,16 +56,21 @@ def scenario(seed=0):
 
 
 def place_state(mesh, config, w, memory, seen, bias=0.0, initialized=False):
-  """A head state holding the given (unpadded) arrays, padded and sharded."""
+  """A head state holding the given (unpadded) arrays, padded and sharded; the loss's own
+  bias and statistics at their initial values."""
   n = mesh.shape[parallel.DEVICE_AXIS]
-  pad = parallel.padded_classes(config.num_classes, n) - config.num_classes
+  padded = parallel.padded_classes(config.num_classes, n)
+  pad = padded - config.num_classes
   dtype = jnp.dtype(config.storage_dtype)
+  s2c_bias, s2c_stats = head.s2c_initial_state(config, padded)
   state = head.HeadState(
       head.HeadParams(w=np.pad(w, ((0, pad), (0, 0))).astype(dtype),
-                      bias=np.float32(bias), class_bias=np.zeros(w.shape[0] + pad, np.float32)),
+                      bias=np.float32(bias), class_bias=np.zeros(w.shape[0] + pad, np.float32),
+                      s2c_bias=s2c_bias),
       head.HeadBuffers(memory=np.pad(memory, ((0, pad), (0, 0))).astype(dtype),
-                       seen=np.pad(seen, (0, pad)), initialized=np.bool_(initialized)))
-  return jax.device_put(state, head.head_shardings(mesh))
+                       seen=np.pad(seen, (0, pad)), initialized=np.bool_(initialized),
+                       s2c_stats=s2c_stats))
+  return jax.device_put(state, head.head_shardings(mesh, config))
 
 
 def sharded_step_fn(config, mesh):
@@ -79,16 +84,55 @@ def sharded_step_fn(config, mesh):
   return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
 
 
-def reference_step(config, w, memory, seen, bias, initialized, emb, labels):
-  """The same step from the single-device loss functions on full [B, C] cosines."""
+def reference_s2c(config, w, emb, labels, s2c_bias, stats):
+  """The sample-to-class loss [B] from the single-device functions, and the statistics
+  after this batch (updated before use, as the references do)."""
+  cos_w = losses.cosine_similarity(emb, w)
+  name, s, m = config.s2c_loss, config.s2c_scale, config.s2c_margin
+  if name == "cosface":
+    return losses.cosface(cos_w, labels, scale=s, margin=m), stats
+  if name == "arcface":
+    return losses.arcface(cos_w, labels, scale=s, margin=m,
+                          straight_through=config.arcface_straight_through), stats
+  if name == "combined" and config.combined_form == "arcface_torch":
+    # insightface's CombinedMarginLoss: CosFace with m3, or ArcFace with a gradient-free m2.
+    if config.combined_m3 > 0:
+      return losses.cosface(cos_w, labels, scale=s, margin=config.combined_m3), stats
+    return losses.arcface(cos_w, labels, scale=s, margin=config.combined_m2,
+                          straight_through=True), stats
+  if name == "combined":
+    return losses.combined_margin(cos_w, labels, scale=s, m1=config.combined_m1,
+                                  m2=config.combined_m2, m3=config.combined_m3,
+                                  straight_through=config.arcface_straight_through), stats
+  if name == "normalized_bce":
+    return losses.normalized_bce(cos_w, labels, s2c_bias["bias"], scale=s, margin=m), stats
+  if name == "uce":
+    return losses.uce(cos_w, labels, s2c_bias["bias"], scale=s, margin=m), stats
+  norms = losses.feature_norm(emb)
+  if name == "adaface":
+    mean, std = losses.adaface_statistics(norms, stats["norm_mean"], stats["norm_std"],
+                                          t_alpha=config.adaface_t_alpha)
+    return losses.adaface(cos_w, labels, norms, mean, std, scale=s, margin=m,
+                          h=config.adaface_h), {"norm_mean": mean, "norm_std": std}
+  if name == "curricularface":
+    t = losses.curricular_t(stats["t"], cos_w[jnp.arange(labels.shape[0]), labels],
+                            alpha=config.curricular_alpha)
+    return losses.curricularface(cos_w, labels, t, scale=s, margin=m), {"t": t}
+  if name == "magface":
+    return losses.magface(cos_w, labels, norms, scale=s, l_a=config.magface_l_a,
+                          u_a=config.magface_u_a, l_m=config.magface_l_m,
+                          u_m=config.magface_u_m, lambda_g=config.magface_lambda_g), stats
+  raise ValueError(name)
 
-  def objective(w, emb, bias):
-    cos_w = losses.cosine_similarity(emb, w)
-    if config.s2c_loss == "cosface":
-      s2c = losses.cosface(cos_w, labels, scale=config.s2c_scale, margin=config.s2c_margin)
-    else:
-      s2c = losses.arcface(cos_w, labels, scale=config.s2c_scale, margin=config.s2c_margin,
-                           straight_through=config.arcface_straight_through)
+
+def reference_step(config, w, memory, seen, bias, initialized, emb, labels, s2c_bias=None,
+                   stats=None):
+  """The same step from the single-device loss functions on full [B, C] cosines."""
+  s2c_bias = {} if s2c_bias is None else s2c_bias
+  stats = {} if stats is None else stats
+
+  def objective(w, emb, bias, s2c_bias):
+    s2c, new_stats = reference_s2c(config, w, emb, labels, s2c_bias, stats)
     cos_m = losses.cosine_similarity(emb, memory)
     kw = dict(scale=config.s2s_scale, margin=config.s2s_margin, valid=seen)
     has_negative = np.any(seen[None, :] & (np.arange(NUM_CLASSES)[None] != labels[:, None]))
@@ -100,17 +144,20 @@ def reference_step(config, w, memory, seen, bias, initialized, emb, labels):
     elif config.s2s_loss == "s2s_bce":
       b = bias + jax.lax.stop_gradient(init if first else 0.0)  # bias: [C] class biases
       s2s = losses.s2s_bce(cos_m, labels, b, **kw)
+    elif config.s2s_loss == "none":
+      b, s2s = bias, jnp.zeros_like(s2c)
     else:
       b = bias
       s2s = losses.s2s_softmax(cos_m, labels, **kw)
-    return jnp.mean(s2c) + jnp.mean(s2s), (s2c, s2s, b, first or initialized)
+    return jnp.mean(s2c) + jnp.mean(s2s), (s2c, s2s, b, first or initialized, new_stats)
 
-  (value, (s2c, s2s, b, init_flag)), grads = jax.value_and_grad(
-      objective, argnums=(0, 1, 2), has_aux=True)(w, emb, bias)
+  (value, (s2c, s2s, b, init_flag, new_stats)), grads = jax.value_and_grad(
+      objective, argnums=(0, 1, 2, 3), has_aux=True)(w, emb, bias, s2c_bias)
   new_memory, new_seen = losses.write_memory(memory, seen, emb, labels)
   return dict(value=value, s2c=s2c, s2s=s2s, bias=b, initialized=init_flag,
               grad_w=grads[0], grad_emb=grads[1], grad_bias=grads[2],
-              memory=new_memory, seen=new_seen)
+              memory=new_memory, seen=new_seen, s2c_stats=new_stats,
+              grad_s2c_bias=grads[3])
 
 
 def reference_run(config, w, memory, seen, emb, labels):
@@ -127,15 +174,18 @@ def reference_run(config, w, memory, seen, emb, labels):
   w_ref = stored(w)
   bias = np.zeros(NUM_CLASSES, np.float32) if config.s2s_loss == "s2s_bce" else 0.0
   memory, initialized = stored(memory), False
+  s2c_bias, stats = head.s2c_initial_state(config, NUM_CLASSES)
   out = []
   for t in range(STEPS):
-    r = reference_step(config, w_ref, memory, seen, bias, initialized, emb[t], labels[t])
-    r = {key: np.asarray(val) for key, val in r.items()}
+    r = reference_step(config, w_ref, memory, seen, bias, initialized, emb[t], labels[t],
+                       s2c_bias, stats)
+    r = jax.tree.map(np.asarray, r)
     r["memory"] = stored(r["memory"])
     out.append(r)
     memory, seen = r["memory"], r["seen"]
     bias = r["bias"].astype(np.float32)
     initialized = bool(r["initialized"])
+    stats = r["s2c_stats"]
   return out
 
 
@@ -154,7 +204,8 @@ def run_sharded(config, mesh, w, memory, seen, emb, labels, steps=STEPS):
                     bias=new_state.params.bias, initialized=new_state.buffers.initialized,
                     grad_w=g_params.w, grad_emb=g_emb, grad_bias=g_params.bias,
                     grad_class_bias=g_params.class_bias, class_bias=new_state.params.class_bias,
-                    memory=new_state.buffers.memory, seen=new_state.buffers.seen))
+                    memory=new_state.buffers.memory, seen=new_state.buffers.seen,
+                    s2c_stats=new_state.buffers.s2c_stats, grad_s2c_bias=g_params.s2c_bias))
     state = new_state
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
 
@@ -190,12 +241,12 @@ def partial_fc_scenario():
   return w, memory, emb
 
 
-def partial_fc_steps(seeds):
+def partial_fc_steps(seeds, config=PFC_CONFIG):
   """One sampled head step per key seed, all from the same state; host NumPy per seed."""
   w, memory, emb = partial_fc_scenario()
   mesh = parallel.make_mesh(PFC_DEVICES)
-  step = sharded_step_fn(PFC_CONFIG, mesh)
-  state = place_state(mesh, PFC_CONFIG, w, memory, np.ones(PFC_CLASSES, bool), bias=PFC_BIAS,
+  step = sharded_step_fn(config, mesh)
+  state = place_state(mesh, config, w, memory, np.ones(PFC_CLASSES, bool), bias=PFC_BIAS,
                       initialized=True)
   batch_sh = parallel.batch_sharding(mesh)
   out = {}
@@ -205,24 +256,27 @@ def partial_fc_steps(seeds):
         jax.device_put(PFC_LABELS, batch_sh), jax.random.key(seed))
     out[seed] = jax.tree.map(np.asarray, dict(
         sampled=terms["sampled_classes"], s2c=terms["s2c"], s2s=terms["s2s"],
-        grad_w=g_params.w, grad_emb=g_emb))
+        grad_w=g_params.w, grad_emb=g_emb, grad_s2c_bias=g_params.s2c_bias))
   return out
 
 
-def partial_fc_restricted_reference(kept):
+def partial_fc_restricted_reference(kept, config=PFC_CONFIG):
   """The single-device losses on the sampled classes ``kept`` only (labels re-indexed)."""
   w, memory, emb = partial_fc_scenario()
   cls = np.sort(kept)
   y = np.searchsorted(cls, PFC_LABELS)
+  s2c_bias, stats = head.s2c_initial_state(config, PFC_CLASSES)
 
-  def restricted(w_s, emb):
-    s2c = losses.cosface(losses.cosine_similarity(emb, w_s[cls]), y)
+  def restricted(w_s, emb, s2c_bias):
+    restricted_bias = jax.tree.map(lambda b: b[cls] if b.ndim else b, s2c_bias)
+    s2c, _ = reference_s2c(config, w_s[cls], emb, y, restricted_bias, stats)
     s2s = losses.uss(losses.cosine_similarity(emb, memory[cls]), y, PFC_BIAS)
     return jnp.mean(s2c) + jnp.mean(s2s), (s2c, s2s)
 
-  (_, (s2c, s2s)), (grad_w, grad_emb) = jax.value_and_grad(
-      restricted, argnums=(0, 1), has_aux=True)(w, emb)
-  return jax.tree.map(np.asarray, dict(s2c=s2c, s2s=s2s, grad_w=grad_w, grad_emb=grad_emb))
+  (_, (s2c, s2s)), (grad_w, grad_emb, grad_s2c_bias) = jax.value_and_grad(
+      restricted, argnums=(0, 1, 2), has_aux=True)(w, emb, s2c_bias)
+  return jax.tree.map(np.asarray, dict(s2c=s2c, s2s=s2s, grad_w=grad_w, grad_emb=grad_emb,
+                                       grad_s2c_bias=grad_s2c_bias))
 
 
 def run_fixed_scenario(mesh):

@@ -9,6 +9,13 @@ through ``class_axis``.
 from unitsface_jax.losses.memory import last_occurrence
 from unitsface_jax.losses.memory import write_memory
 from unitsface_jax.losses.cosine import cosine_similarity
+from unitsface_jax.losses.margin import adaface
+from unitsface_jax.losses.margin import adaface_statistics
+from unitsface_jax.losses.margin import combined_margin
+from unitsface_jax.losses.margin import curricular_t
+from unitsface_jax.losses.margin import curricularface
+from unitsface_jax.losses.margin import feature_norm
+from unitsface_jax.losses.margin import magface
 from unitsface_jax.losses.objective import unitsface_objective
 from unitsface_jax.losses.sample_to_class import arcface
 from unitsface_jax.losses.sample_to_class import cosface
@@ -22,12 +29,19 @@ from unitsface_jax.losses.sample_to_sample import threshold_bias_for_step
 from unitsface_jax.losses.sample_to_sample import uss
 
 __all__ = [
+    "adaface",
+    "adaface_statistics",
     "arcface",
+    "combined_margin",
     "cosface",
     "cosine_similarity",
+    "curricular_t",
+    "curricularface",
+    "feature_norm",
     "init_threshold_bias",
     "initial_bce_bias",
     "last_occurrence",
+    "magface",
     "normalized_bce",
     "s2s_bce",
     "s2s_softmax",
