@@ -136,10 +136,10 @@ def test_partial_fc_equals_the_loss_restricted_to_sampled_classes(name):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: one step on 4 devices, saved, restored onto 4 and 8, one more step.
+# Checkpoints: one step on 4 devices, saved, restored onto 4 and 2, one more step.
 # --------------------------------------------------------------------------------------------
 
-SAVING, RESTORING = 4, (4, 8)
+SAVING, RESTORING = 4, (4, 2)  # 2: the class rows are cut from 16 to 14
 
 
 def _step_from(state, config, mesh, t):
