@@ -124,6 +124,9 @@ def get_config(arg=None):
   config.schedule.decay_epochs = (16, 24)
   config.schedule.decay_factor = 0.1
   config.schedule.warmup_epochs = 0.0
+  # polynomial only: lr * (1 - p)^power after the warm-up (arcface_torch's PolynomialLRWarmup
+  # default, 1: linear decay to 0).
+  config.schedule.power = 1.0
 
   # Fine-tuning: the backbone's weights before step 0, from an insightface backbone.pth, a
   # .safetensors/.npz of this package or another run's workdir (its latest checkpoint); the

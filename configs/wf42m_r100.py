@@ -5,9 +5,8 @@ GPUs (global 4096), lr 0.4, momentum 0.9, weight decay 5e-4, warm-up 2 of 20 epo
 polynomial decay, sample rate 0.3, CosFace (s 64, m 0.4), fp16 (here bfloat16 activations).
 The loss adds this package's USS term from epoch 1, as every recipe here. Differences:
 arcface_torch clips the backbone's gradient norm at 5, this package the global norm of
-backbone and head (``optimizer.clip_norm``); its ``train_v2.py`` decays the lr linearly after
-the warm-up (``PolynomialLRWarmup``'s default power 1 since its commit ab27f4d6), this
-package's ``polynomial`` schedule with power 2 (arcface_torch before that commit).
+backbone and head (``optimizer.clip_norm``). The lr decays linearly after the warm-up, as
+``train_v2.py``'s ``PolynomialLRWarmup`` (power 1, ``config.schedule.power``).
 
 Variants: ``runlocal`` (float32, batch 16), ``synthetic`` (random images of the recipe's
 classes and epoch length, for trying the memory and the speed of a slice without the data).

@@ -6,8 +6,8 @@ recipe takes 384 x 64 = 24,576 in one step), AdamW lr 1e-3, weight decay 0.1 on 
 parameter, warm-up 4 of 40 epochs then the polynomial decay, sample rate 0.3, CosFace (s 64,
 m 0.4), fp16 (here bfloat16 activations). On 64 chips set ``batch_size=24576`` and
 ``optimizer.grad_accum_steps=1``: the same updates. The loss adds this package's USS term from
-epoch 1, as every recipe here. The clip and the schedule's power differ from arcface_torch's
-as in ``configs/wf42m_r100.py``.
+epoch 1, as every recipe here. The clip differs from arcface_torch's as in
+``configs/wf42m_r100.py``.
 
 Variants: ``runlocal`` (float32, batch 16, no accumulation), ``synthetic`` (random images of
 the recipe's classes and epoch length).

@@ -64,6 +64,7 @@ def test_webface42m_recipes_follow_arcface_torch():
     ("batch_size", 0, "config.batch_size = 0"),
     ("model.width", 0, "config.model.width = 0: must be a positive"),
     ("schedule.decay_epochs", (24, 16), "config.schedule.decay_epochs"),
+    ("schedule.power", 0.0, "config.schedule.power = 0.0: must be positive"),
     ("loss.s2c", "sphereface", "config.loss.s2c = 'sphereface': must be one of"),
     ("debug.signal_after_step", -1, "config.debug.signal_after_step = -1"),
     ("debug.signal", "SIGINT", "config.debug.signal = 'SIGINT': must be one of"),

@@ -42,17 +42,19 @@ def test_multistep_schedule_decays_at_official_epochs():
   assert float(sched(240)) == pytest.approx(0.001)
 
 
-def test_polynomial_schedule_warms_up_then_decays_to_zero():
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_polynomial_schedule_warms_up_then_decays_to_zero(power):
   config = default.get_config()
   config.schedule.name = "polynomial"
+  config.schedule.power = power
   config.schedule.warmup_epochs = 1.0
   config.num_epochs = 5
   sched = optim.learning_rate_schedule(config, steps_per_epoch=10)
   assert float(sched(0)) == 0.0
   assert float(sched(5)) == pytest.approx(0.05)
   assert float(sched(10)) == pytest.approx(0.1)
-  # insightface PolynomialLRWarmup: lr * (1 - (t - warmup) / (total - warmup)) ** 2
-  assert float(sched(30)) == pytest.approx(0.1 * (1 - 20 / 40) ** 2)
+  # insightface PolynomialLRWarmup: lr * (1 - (t - warmup) / (total - warmup)) ** power
+  assert float(sched(30)) == pytest.approx(0.1 * (1 - 20 / 40) ** power)
   assert float(sched(50)) == pytest.approx(0.0)
 
 

@@ -92,6 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            c.optimizer.grad_accum_steps, "must be >= 1")
   _require(c.schedule.name in SCHEDULES, "schedule.name", c.schedule.name,
            f"must be one of {SCHEDULES}")
+  _require(c.schedule.power > 0, "schedule.power", c.schedule.power, "must be positive")
   _require(list(c.schedule.decay_epochs) == sorted(c.schedule.decay_epochs),
            "schedule.decay_epochs", c.schedule.decay_epochs, "must be increasing")
   _require(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")

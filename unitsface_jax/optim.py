@@ -32,8 +32,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   """The lr per optimiser step: ``multistep`` (official) or ``polynomial`` (insightface).
 
   multistep: lr x decay_factor at each of ``schedule.decay_epochs``.
-  polynomial: linear warm-up from 0 over ``warmup_epochs``, then lr * (1 - p)^2 to 0 at the
-  end of training (insightface arcface_torch ``lr_scheduler.py`` PolynomialLRWarmup).
+  polynomial: linear warm-up from 0 over ``warmup_epochs``, then lr * (1 - p)^power to 0 at
+  the end of training, p the fraction of the post-warm-up steps done (insightface arcface_torch
+  ``lr_scheduler.py`` PolynomialLRWarmup, whose default power 1 ``train_v2.py`` keeps; its
+  older PolyScheduler used 2).
   """
   lr = config.optimizer.lr
   total = int(round(config.num_epochs * steps_per_epoch))
@@ -43,7 +45,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
         lr, {int(e * steps_per_epoch): config.schedule.decay_factor
              for e in config.schedule.decay_epochs})
   elif config.schedule.name == "polynomial":
-    main = optax.polynomial_schedule(lr, 0.0, power=2, transition_steps=max(total - warmup, 1))
+    main = optax.polynomial_schedule(lr, 0.0, power=config.schedule.power,
+                                     transition_steps=max(total - warmup, 1))
   else:
     raise ValueError(f"config.schedule.name = {config.schedule.name!r}: unknown schedule")
   if warmup == 0:
