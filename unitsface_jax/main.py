@@ -16,7 +16,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from unitsface_jax import config_checks, cpu_tuning, models, parallel
+from unitsface_jax import config_checks, cpu_tuning, models, parallel, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -38,7 +38,8 @@ def main(argv) -> int:
   config = _CONFIG.value
   try:
     config_checks.validate(config)
-  except config_checks.ConfigError as e:
+    storage.require_gcs_all({**storage.config_paths(config), "--workdir": _WORKDIR.value})
+  except (config_checks.ConfigError, storage.MissingExtraError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _DISTRIBUTED.value or _COORDINATOR.value:
