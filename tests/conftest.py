@@ -130,19 +130,14 @@ def multidevice_pytest(tmp_path):
   return run
 
 
-def _unused_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A GCS server on 127.0.0.1 (``tests/gcs_server.py``) for this session, with bucket
   ``gs://test``; its client variables are set in os.environ for this process and the
   processes it starts, and removed, with the server stopped, at the end."""
   import gcs_server  # pylint: disable=g-import-not-at-top
-  server = gcs_server.GcsServer(tmp_path_factory.mktemp("gcs") / "root", _unused_port())
+  server = gcs_server.GcsServer(tmp_path_factory.mktemp("gcs") / "root",
+                                gcs_server.unused_port())
   saved = dict(os.environ)
   try:
     server.start()

@@ -17,10 +17,18 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+
+
+def unused_port() -> int:
+  """A 127.0.0.1 port free now (the server binds it a moment later)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def _binary() -> pathlib.Path:

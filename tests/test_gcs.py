@@ -2,8 +2,11 @@
 the extra's one-line check, the data sources and the request count of a RecordIO epoch, and
 training, export and evaluation with data and workdir in the bucket."""
 
+import io
+import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -100,3 +103,181 @@ def test_an_image_folder_on_gcs_reads_as_on_disk(gcs, data_dir, tmp_path):
   want, got = sources.ImageFolderSource(local), sources.ImageFolderSource("gs://test/faces")
   assert got.class_names == want.class_names and got.files == want.files
   assert [got[i] for i in range(len(got))] == [want[i] for i in range(len(want))]
+
+
+# ------------------------------------------------------------------------------------------
+# Training, export and evaluation with data and workdir in the bucket (child processes).
+# ------------------------------------------------------------------------------------------
+
+# The smoke run (16 steps of batch 8 on 64 demo images, checkpoints every 4) with a narrow
+# trunk: what these tests check is the storage, not the model.
+TINY = ["--config.model.width=4", "--config.model.num_features=32"]
+
+
+def _fresh() -> None:
+  """Forgets the listings gcsfs keeps in this process (epath's instance): the runs wrote to
+  the bucket from other processes since."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+  """The uninterrupted tiny smoke run, data and workdir on the local disk."""
+  import test_train  # pylint: disable=g-import-not-at-top  # its runner and readers
+  workdir = tmp_path_factory.mktemp("tiny_reference")
+  test_train.ok(test_train.run(1, workdir, *TINY))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def gs_run(gcs, demo_on_gcs, tiny_reference):
+  """The tiny smoke run with data and workdir in the bucket, SIGKILLed after step 6 (its
+  checkpoint 4 written) and run again to the end. The first run keeps its compiled programs
+  in gs://.../jax_cache (config.compilation_cache), the second loads them from there."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/killed"
+  env = test_train._env()  # pylint: disable=protected-access
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  flags = [*TINY, f"--config.data.path={demo_on_gcs}"]
+  proc = test_train.run(1, workdir, *flags, "--config.debug.signal_after_step=6",
+                        "--config.debug.signal=SIGKILL", env=env)
+  assert proc.returncode == -9, proc.stderr[-4000:]
+  _fresh()
+  first = {"steps": test_train.steps(workdir), "metrics": sorted(test_train.metrics(workdir)),
+           "cache": [p.name for p in (epath.Path(workdir) / "jax_cache").iterdir()]}
+  second = test_train.ok(test_train.run(1, workdir, *flags, env=env))
+  _fresh()
+  return workdir, first, second
+
+
+@pytest.mark.slow
+def test_killed_run_on_gcs_resumes_to_the_local_runs_weights_bitwise(gs_run, tiny_reference):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir, first, second = gs_run
+  assert first["steps"] == [4] and first["metrics"] == list(range(1, 7))
+  assert any(name.endswith("-cache") for name in first["cache"]), first["cache"]
+  assert "resumed from step 4 in gs://test/runs/killed/checkpoints" in second.stderr
+  assert test_train.steps(workdir) == [8, 12, 16]
+  want, got = test_train.metrics(tiny_reference), test_train.metrics(workdir)
+  assert {s: (m["loss"], m["data_fingerprint"]) for s, m in got.items()} == {
+      s: (m["loss"], m["data_fingerprint"]) for s, m in want.items()}
+  want, got = test_train.saved_state(tiny_reference, 16), test_train.saved_state(workdir, 16)
+  assert want.keys() == got.keys()
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert not different, different[:10]
+  config = json.loads((epath.Path(workdir) / "config.json").read_text())
+  assert config["data"]["path"] == "gs://test/demo"
+  events = list((epath.Path(workdir) / "tensorboard").iterdir())
+  assert events and all(e.stat().length > 0 for e in events)
+
+
+def _python(*args, env=None, timeout=600):
+  import test_train  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env or test_train._env(),  # pylint: disable=protected-access
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = gs_run[0]
+  out = "gs://test/exports/final.npz"
+  test_train.ok(_python("-m", "unitsface_jax.export", f"--workdir={workdir}", "--format=npz",
+                        f"--out={out}"))
+  _fresh()
+  weights = np.load(io.BytesIO(epath.Path(out).read_bytes()))
+  state = test_train.saved_state(workdir, 16)
+  np.testing.assert_array_equal(weights["conv1.weight"],
+                                state["/params/backbone/conv1/kernel/value"].transpose(3, 2, 0, 1))
+  bin_url = "gs://test/bins/orl_val.bin"
+  epath.Path(bin_url).write_bytes(demo.demo_bin_path().read_bytes())
+  reports = "gs://test/reports"
+  results = {}
+  for source in (f"--workdir={workdir}", f"--params={out}"):
+    proc = test_train.ok(_python("-m", "unitsface_jax.evaluate", "--protocol=verification",
+                                 source, f"--data={bin_url}", f"--out={reports}",
+                                 "--batch_size=64"))
+    assert "orl_val" in proc.stdout
+    _fresh()
+    results[source] = json.loads((epath.Path(reports) / "verification.json").read_text())
+  assert (epath.Path(reports) / "verification_roc.png").read_bytes()[:4] == b"\x89PNG"
+  # The checkpoint and its export are the same weights: the same accuracy, to the bit.
+  first, second = results.values()
+  assert first["orl_val"]["accuracy"] == second["orl_val"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, demo_on_gcs,
+                                                                        free_port):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/two_processes"
+  flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
+  for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags,
+                                                          env=test_train._env()):  # pylint: disable=protected-access
+    assert returncode == 0, stderr[-4000:]
+  _fresh()
+  assert test_train.steps(workdir) == [4, 8]
+  assert sorted(test_train.metrics(workdir)) == list(range(1, 9))
+  # Each process saved its own data-iterator state beside the shared arrays.
+  data = [p.name for p in (epath.Path(workdir) / "checkpoints" / "8" / "data").iterdir()]
+  assert len(data) == 2, data
+
+
+@pytest.mark.slow
+def test_a_save_into_a_bucket_that_went_away_stops_naming_the_step_and_a_rerun_resumes(
+    tmp_path, tiny_reference):
+  """The workdir's bucket disappears between checkpoints 4 and 8 (its folder on the server is
+  moved away: every write answers 404): the run stops with one line naming checkpoint 8;
+  checkpoint 4 is untouched; with the bucket back, a rerun resumes from it and ends with the
+  weights of the uninterrupted run."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  import test_train  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "root"
+  server = gcs_server.GcsServer(root, gcs_server.unused_port())
+  try:
+    server.start()
+    server.create_bucket("run")
+    env = {**test_train._env(), **server.env()}  # pylint: disable=protected-access
+    workdir = "gs://run/smoke"
+    # Logged only at step 16: the first write after step 5 is the save of step 8.
+    flags = [*TINY, "--config.log_every_steps=16"]
+    with open(tmp_path / "stderr", "w+") as log:
+      proc = subprocess.Popen(
+          [sys.executable, str(test_train.RUN), "1", test_train.SMOKE, f"--workdir={workdir}",
+           *flags, "--config.debug.signal_after_step=5", "--config.debug.signal=SIGSTOP"],
+          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+      try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops after step 5
+        if not os.WIFSTOPPED(status):
+          log.seek(0)
+          pytest.fail(f"the run ended ({status}) before its drill stopped it: {log.read()[-4000:]}")
+        saved = root / "run" / "smoke" / "checkpoints" / "4"
+        before = {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()}
+        assert saved / "commit_success.txt" in before
+        os.rename(root / "run", root / "run.away")  # the bucket is gone
+        proc.send_signal(signal.SIGCONT)
+        returncode = proc.wait(timeout=600)
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+      log.seek(0)
+      stderr = log.read()
+    assert returncode == 1, stderr[-4000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: saving checkpoint 8 to gs://run/smoke/checkpoints failed ("), last
+    assert last.endswith("the checkpoints before it are kept"), last
+    os.rename(root / "run.away", root / "run")
+    after = {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()}
+    assert after == before
+    proc = test_train.ok(test_train.run(1, workdir, *flags, env=env))
+    assert "resumed from step 4" in proc.stderr
+    want = test_train.saved_state(tiny_reference, 16)
+    # The server keeps each object as a file at its name: the bucket's folder is the workdir.
+    got = test_train.saved_state(root / "run" / "smoke", 16)
+    different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+    assert want.keys() == got.keys() and not different, different[:10]
+  finally:
+    server.stop()
+

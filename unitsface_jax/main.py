@@ -44,13 +44,13 @@ def main(argv) -> int:
     return 2
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
   # The backbone exactly as training builds it, shapes only.
   abstract = nnx.eval_shape(lambda: models.from_config(config.model, jax.random.key(0)))
   logging.info("%s", models.summary(config.model.name, abstract))
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except (train.NonFiniteLossError, ValueError) as e:
+  except (train.NonFiniteLossError, ValueError, checkpoint.CheckpointWriteError) as e:
     logging.exception("training stopped")
     print(f"error: {e}", file=sys.stderr)
     return 1
