@@ -105,6 +105,19 @@ def test_an_image_folder_on_gcs_reads_as_on_disk(gcs, data_dir, tmp_path):
   assert [got[i] for i in range(len(got))] == [want[i] for i in range(len(want))]
 
 
+
+def test_an_arrayrecord_set_on_gcs_reads_as_on_disk(gcs, tmp_path):
+  """The ArrayRecord conversion (data/prepare.py) read from the bucket: TFDS reads its metadata
+  through gcsfs, ArrayRecord its records through riegeli's own GCS client."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  from unitsface_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  built = pathlib.Path(prepare.prepare(demo.demo_path(), tmp_path / "tfds")["dir"])
+  gcs_server.upload_tree(built, "gs://test/demo_tfds")
+  want, got = sources.TFDSSource(built), sources.TFDSSource("gs://test/demo_tfds")
+  assert len(got) == len(want) == 320 and got.num_classes == want.num_classes == 40
+  for i in (0, 17, 319):
+    assert got[i]["label"] == want[i]["label"] and got[i]["image"] == want[i]["image"]
+
 # ------------------------------------------------------------------------------------------
 # Training, export and evaluation with data and workdir in the bucket (child processes).
 # ------------------------------------------------------------------------------------------
