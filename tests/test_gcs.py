@@ -106,6 +106,19 @@ def test_an_image_folder_on_gcs_reads_as_on_disk(gcs, data_dir, tmp_path):
 
 
 
+def test_metrics_jsonl_on_gcs_keeps_every_line_across_writers(gcs):
+  """An object store cannot append: each write replaces the object, so the writer must carry
+  what an earlier run wrote and every line since."""
+  from unitsface_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/metrics"
+  for steps in ((1, 2, 3), (3, 4)):  # a resumed run writes step 3 again, then goes on
+    writer = metric_writer.MetricWriter(workdir, tensorboard=False)
+    for step in steps:
+      writer.write(step, {"loss": 1.0 / step})
+    writer.close()
+  lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 3, 4]
+
 def test_an_arrayrecord_set_on_gcs_reads_as_on_disk(gcs, tmp_path):
   """The ArrayRecord conversion (data/prepare.py) read from the bucket: TFDS reads its metadata
   through gcsfs, ArrayRecord its records through riegeli's own GCS client."""
