@@ -165,7 +165,7 @@ def gs_run(gcs, demo_on_gcs, tiny_reference):
   in gs://.../jax_cache (config.compilation_cache), the second loads them from there."""
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = "gs://test/runs/killed"
-  env = test_train._env()  # pylint: disable=protected-access
+  env = _train_env()
   env.pop("JAX_COMPILATION_CACHE_DIR")
   flags = [*TINY, f"--config.data.path={demo_on_gcs}"]
   proc = test_train.run(1, workdir, *flags, "--config.debug.signal_after_step=6",
@@ -200,9 +200,14 @@ def test_killed_run_on_gcs_resumes_to_the_local_runs_weights_bitwise(gs_run, tin
   assert events and all(e.stat().length > 0 for e in events)
 
 
-def _python(*args, env=None, timeout=600):
+def _train_env():
+  """The environment of tests/test_train.py's runs (its compilation cache, CPU, PYTHONPATH)."""
   import test_train  # pylint: disable=g-import-not-at-top
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env or test_train._env(),  # pylint: disable=protected-access
+  return test_train._env()  # pylint: disable=protected-access
+
+
+def _python(*args, timeout=600):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=_train_env(),
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -242,7 +247,7 @@ def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, dem
   workdir = "gs://test/runs/two_processes"
   flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
   for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags,
-                                                          env=test_train._env()):  # pylint: disable=protected-access
+                                                          env=_train_env()):
     assert returncode == 0, stderr[-4000:]
   _fresh()
   assert test_train.steps(workdir) == [4, 8]
@@ -267,7 +272,7 @@ def test_a_save_into_a_bucket_that_went_away_stops_naming_the_step_and_a_rerun_r
   try:
     server.start()
     server.create_bucket("run")
-    env = {**test_train._env(), **server.env()}  # pylint: disable=protected-access
+    env = {**_train_env(), **server.env()}
     workdir = "gs://run/smoke"
     # Logged only at step 16: the first write after step 5 is the save of step 8.
     flags = [*TINY, "--config.log_every_steps=16"]

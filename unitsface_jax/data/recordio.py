@@ -22,8 +22,9 @@ Reads are positioned (``os.pread`` on a per-process file descriptor), so one rea
 pickled into grain's worker processes and used from several threads without sharing a file
 position. A file in an object store (``gs://``) is read in HTTP range requests, each of which
 costs tens of milliseconds on GCS whatever its size: a file of up to ``cache_bytes`` (256 MiB)
-is fetched in 8 MiB blocks that each process keeps once read, so a random order over it costs one request per block, not one per record; a larger file costs one
-request per record (its bytes only, not a readahead buffer).
+is fetched in 8 MiB blocks that each process keeps once read (memory: the file, per reading
+process), so a random order over it costs one request per block, not one per record; a larger
+file costs one request per record (its bytes only, not a readahead buffer).
 """
 
 from __future__ import annotations
