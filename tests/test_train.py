@@ -20,6 +20,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "train_run.py"
@@ -66,20 +67,20 @@ def ok(proc):
 
 
 def metrics(workdir):
-  lines = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().split("\n")
+  lines = [json.loads(l) for l in (epath.Path(workdir) / "metrics.jsonl").read_text().split("\n")
            if l]
   return {m["step"]: m for m in lines if "loss" in m}  # a resumed step overwrites
 
 
 def steps(workdir):
-  d = pathlib.Path(workdir) / "checkpoints"
+  d = epath.Path(workdir) / "checkpoints"  # local or gs:// (tests/test_gcs.py)
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 def saved_state(workdir, step):
   """Every array of a checkpoint's state, keyed by path (restored on this process's CPU)."""
   import jax  # the test process has one CPU device; the run may have saved from several
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+  path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
   ckptr = ocp.StandardCheckpointer()
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   meta = ckptr.metadata(path)

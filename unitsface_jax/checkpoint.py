@@ -45,8 +45,23 @@ def _save_without_replica_slices() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (the storage refused it or went away). The checkpoints
+  saved before it are left as they were, and a rerun resumes from the latest of them."""
+
+
+def first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class Checkpoints:
-  """Save/restore policy of a training run (keep the latest K, save every N steps)."""
+  """Save/restore policy of a training run (keep the latest K, save every N steps).
+
+  A save that fails, now or in its background commit, raises ``CheckpointWriteError`` naming
+  its step: at ``save`` or at the next ``save`` or ``wait`` (each first waits for the save
+  in flight, as orbax does before starting another).
+  """
 
   def __init__(self, workdir, *, every_steps: int, keep: int, async_save: bool = True,
                with_data: bool = True, read_only: bool = False):
@@ -57,6 +72,7 @@ class Checkpoints:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self._with_data = with_data
     self.every_steps = every_steps
+    self._pending = None  # the step of the save in flight
     _save_without_replica_slices()
     item_names = ("state", "data", "config") if with_data else ("state", "config")
     handlers = {"state": ocp.StandardCheckpointHandler(),
@@ -92,7 +108,17 @@ class Checkpoints:
       if data_iterator is None:
         raise ValueError("this run checkpoints its data iterator: pass data_iterator")
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except  # TensorStore, gcsfs, OS errors
+      raise self._write_error(step, e) from e
+    self._pending = step if started else None
+    return started
+
+  def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(f"saving checkpoint {step} to {self.directory} failed "
+                                f"({first_line(error)}); the checkpoints before it are kept")
 
   def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> Any:
     """Restores ``state`` at ``step`` into ``abstract_state``'s shapes, dtypes and shardings
@@ -125,8 +151,12 @@ class Checkpoints:
         config=ocp.args.JsonRestore()))["config"]
 
   def wait(self) -> None:
-    """Blocks until async saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until async saves are on disk; raises ``CheckpointWriteError`` if one failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
 
   def close(self) -> None:
     self._manager.close()

@@ -22,7 +22,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
 BN_STATS = ("global", "per_device")
 HEAD_DTYPES = ("float32", "bfloat16")
-DRILL_SIGNALS = ("SIGTERM", "SIGKILL")
+DRILL_SIGNALS = ("SIGTERM", "SIGKILL", "SIGSTOP")
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from unitsface_jax import cpu_tuning
+from unitsface_jax import cpu_tuning, storage
 from unitsface_jax.data.errors import DataError
 from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
 
@@ -57,6 +57,8 @@ flags.DEFINE_string("facescrub_noises", None, "Published FaceScrub noise list.")
 flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
 flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
 cpu_tuning.define_flag()
+_PATH_FLAGS = ("data", "workdir", "features", "params", "out", "pairs", "facescrub_list",
+               "megaface_list", "facescrub_noises", "megaface_noises")
 
 
 class InputError(Exception):
@@ -188,6 +190,7 @@ def main(argv) -> int:
   if not FLAGS.data:
     raise app.UsageError("--data is required")
   try:
+    storage.require_gcs_all({f"--{name}": FLAGS[name].value for name in _PATH_FLAGS})
     apply_fn = None
     if FLAGS.protocol != "megaface" and not FLAGS.features:
       apply_fn = _model_apply_fn()
@@ -197,7 +200,8 @@ def main(argv) -> int:
       res = run_ijb(apply_fn)
     else:
       res = run_megaface()
-  except (OSError, InputError, DataError, verification.UnsafePickleError) as e:
+  except (OSError, InputError, DataError, verification.UnsafePickleError,
+          storage.MissingExtraError) as e:
     # A missing or unreadable input: one line that names it, exit status 2 (as the export
     # command line), instead of a traceback or the flags' help.
     print(f"error: {e}", file=sys.stderr)

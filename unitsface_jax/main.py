@@ -16,7 +16,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from unitsface_jax import config_checks, cpu_tuning, models, parallel
+from unitsface_jax import config_checks, cpu_tuning, models, parallel, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -38,12 +38,13 @@ def main(argv) -> int:
   config = _CONFIG.value
   try:
     config_checks.validate(config)
-  except config_checks.ConfigError as e:
+    storage.require_gcs_all({**storage.config_paths(config), "--workdir": _WORKDIR.value})
+  except (config_checks.ConfigError, storage.MissingExtraError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from unitsface_jax import finetune, train  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import checkpoint, finetune, train  # pylint: disable=g-import-not-at-top
   # The backbone exactly as training builds it, shapes only.
   abstract = nnx.eval_shape(lambda: models.from_config(config.model, jax.random.key(0)))
   logging.info("%s", models.summary(config.model.name, abstract))
@@ -52,7 +53,7 @@ def main(argv) -> int:
   except finetune.InitError as e:  # a user's file that does not fit: before step 0
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except (train.NonFiniteLossError, ValueError) as e:
+  except (train.NonFiniteLossError, ValueError, checkpoint.CheckpointWriteError) as e:
     logging.exception("training stopped")
     print(f"error: {e}", file=sys.stderr)
     return 1

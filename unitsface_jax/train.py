@@ -423,11 +423,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
         _check_finite(state, done)
         ckpt.save(done, state, data_iterator=data, config=config, force=True)
         break
-  finally:
+  except BaseException:
+    # Stopping on an error (a failed write, NaN, a signal): what can still be finished is,
+    # and a second failure while at it (the storage that failed fails again) is logged, not
+    # raised over the first.
+    for close in (ckpt.wait, ckpt.close, writer.close, data.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("while stopping: %s", checkpoint_lib.first_line(e))
+    raise
+  else:
     ckpt.wait()
     ckpt.close()
     writer.close()
     data.close()
+  finally:
     preemption.restore()
   for name, value in at_start.items():
     if name in last:

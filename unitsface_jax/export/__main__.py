@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from unitsface_jax import cpu_tuning
+from unitsface_jax import cpu_tuning, storage
 from unitsface_jax.export import load_params, save_params, torch_state_dict
 
 _PARAMS = flags.DEFINE_string("params", None, "Weight file to read (.npz/.safetensors/.pth).")
@@ -38,12 +38,14 @@ def main(argv) -> int:
   if _CPU_TUNING.value:
     cpu_tuning.enable()
   try:
+    storage.require_gcs_all({"--params": _PARAMS.value, "--workdir": _WORKDIR.value,
+                             "--out": _OUT.value})
     if _WORKDIR.value:
       from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
       name, model = checkpoint.backbone_from_workdir(_WORKDIR.value, _STEP.value)
     else:
       name, model = load_params(_PARAMS.value, _MODEL.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, storage.MissingExtraError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   out = _OUT.value

@@ -1,0 +1,319 @@
+"""gs:// paths against a real GCS server on 127.0.0.1 (fake-gcs-server, ``tests/gcs_server.py``):
+the extra's one-line check, the data sources and the request count of a RecordIO epoch, and
+training, export and evaluation with data and workdir in the bucket."""
+
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from etils import epath
+
+from unitsface_jax import storage
+from unitsface_jax.data import demo, pipeline, recordio, sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_require_gcs_names_the_field_and_the_extra(monkeypatch):
+  storage.require_gcs_all({"--workdir": "/tmp/run", "config.eval.bins": [], "--params": None})
+  monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if the extra were not installed
+  storage.require_gcs("/local/path", "config.data.path")  # local paths need nothing
+  with pytest.raises(storage.MissingExtraError) as e:
+    storage.require_gcs_all({"--workdir": "/tmp/run",
+                             "config.eval.bins": ["/a.bin", "gs://b/lfw.bin"]})
+  assert str(e.value) == ("config.eval.bins[1] = 'gs://b/lfw.bin' is in Google Cloud Storage, "
+                          "which needs the gcs extra: pip install 'unitsface_jax[gcs]'")
+
+
+@pytest.mark.slow
+def test_main_with_a_gs_path_and_no_gcsfs_stops_in_one_line_naming_the_extra(tmp_path):
+  code = ("import sys; sys.modules['gcsfs'] = None; from unitsface_jax import main; "
+          "main.run(sys.argv)")
+  proc = subprocess.run(
+      [sys.executable, "-c", code, "--config=configs/demo.py:smoke",
+       "--config.data.path=gs://bucket/glint360k", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config.data.path = 'gs://bucket/glint360k' is in Google Cloud Storage, which "
+      "needs the gcs extra: pip install 'unitsface_jax[gcs]'")
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_on_gcs(gcs):
+  """The bundled demo RecordIO set, uploaded to gs://test/demo."""
+  url = "gs://test/demo"
+  for name in ("train.rec", "train.idx", "property"):
+    (epath.Path(url) / name).write_bytes((demo.demo_path() / name).read_bytes())
+  return url
+
+
+def _epoch(source):
+  """One shuffled epoch of the demo set in batches of 32, read by two threads of this process
+  (sharing the reader: its block cache, one remote filesystem)."""
+  config = pipeline.PipelineConfig(batch_size=32, seed=3, num_epochs=1, normalize=False,
+                                   read_threads=2)
+  return list(pipeline.make_batches(source, config))
+
+
+def test_a_recordio_epoch_from_gcs_is_the_local_epoch_at_one_request_per_block(
+    gcs, demo_on_gcs):
+  local = _epoch(sources.RecordIOSource(demo.demo_path()))
+  rec = r"^/download/.*/o/demo%2Ftrain\.rec\?"  # the media reads of the .rec
+  before = gcs.requests("GET", rec)
+  remote = sources.RecordIOSource(demo_on_gcs)
+  got = _epoch(remote)
+  requests = gcs.requests("GET", rec) - before
+  records = len(got) * 32
+  assert records == 320 and remote.reader.file_size > 1 << 20  # more than one 1 MiB block
+  for a, b in zip(local, got):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  # The whole file is one 8 MiB block: read once, whatever the order.
+  assert 1 <= requests <= records / 64, requests
+  # With 256 KiB blocks, six of them; a file larger than the cache: one request per record
+  # (the 64 KiB of its first read hold any of these records whole).
+  for cache_bytes, block_bytes, most in ((1 << 30, 1 << 18, 6), (0, 1 << 20, records)):
+    source = sources.RecordIOSource(demo_on_gcs)
+    source.reader = recordio.RecordIOReader(f"{demo_on_gcs}/train.rec",
+                                            f"{demo_on_gcs}/train.idx",
+                                            cache_bytes=cache_bytes, block_bytes=block_bytes)
+    before = gcs.requests("GET", rec)
+    got = _epoch(source)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(local, got))
+    assert gcs.requests("GET", rec) - before == most
+
+
+def test_an_image_folder_on_gcs_reads_as_on_disk(gcs, data_dir, tmp_path):
+  local = tmp_path / "faces"
+  for c in range(2):
+    (local / f"id{c}").mkdir(parents=True)
+  rec = sources.RecordIOSource(demo.demo_path())
+  for i in range(4):
+    image = rec[i]["image"]
+    (local / f"id{i % 2}" / f"{i}.jpg").write_bytes(image)
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  gcs_server.upload_tree(local, "gs://test/faces")
+  want, got = sources.ImageFolderSource(local), sources.ImageFolderSource("gs://test/faces")
+  assert got.class_names == want.class_names and got.files == want.files
+  assert [got[i] for i in range(len(got))] == [want[i] for i in range(len(want))]
+
+
+
+def test_metrics_jsonl_on_gcs_keeps_every_line_across_writers(gcs):
+  """An object store cannot append: each write replaces the object, so the writer must carry
+  what an earlier run wrote and every line since."""
+  from unitsface_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/metrics"
+  for steps in ((1, 2, 3), (3, 4)):  # a resumed run writes step 3 again, then goes on
+    writer = metric_writer.MetricWriter(workdir, tensorboard=False)
+    for step in steps:
+      writer.write(step, {"loss": 1.0 / step})
+    writer.close()
+  lines = (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 3, 4]
+
+def test_an_arrayrecord_set_on_gcs_reads_as_on_disk(gcs, tmp_path):
+  """The ArrayRecord conversion (data/prepare.py) read from the bucket: TFDS reads its metadata
+  through gcsfs, ArrayRecord its records through riegeli's own GCS client."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  from unitsface_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  built = pathlib.Path(prepare.prepare(demo.demo_path(), tmp_path / "tfds")["dir"])
+  gcs_server.upload_tree(built, "gs://test/demo_tfds")
+  want, got = sources.TFDSSource(built), sources.TFDSSource("gs://test/demo_tfds")
+  assert len(got) == len(want) == 320 and got.num_classes == want.num_classes == 40
+  for i in (0, 17, 319):
+    assert got[i]["label"] == want[i]["label"] and got[i]["image"] == want[i]["image"]
+
+# ------------------------------------------------------------------------------------------
+# Training, export and evaluation with data and workdir in the bucket (child processes).
+# ------------------------------------------------------------------------------------------
+
+# The smoke run (16 steps of batch 8 on 64 demo images, checkpoints every 4) with a narrow
+# trunk: what these tests check is the storage, not the model.
+TINY = ["--config.model.width=4", "--config.model.num_features=32"]
+
+
+def _fresh() -> None:
+  """Forgets the listings gcsfs keeps in this process (epath's instance): the runs wrote to
+  the bucket from other processes since."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+  """The uninterrupted tiny smoke run, data and workdir on the local disk."""
+  import test_train  # pylint: disable=g-import-not-at-top  # its runner and readers
+  workdir = tmp_path_factory.mktemp("tiny_reference")
+  test_train.ok(test_train.run(1, workdir, *TINY))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def gs_run(gcs, demo_on_gcs, tiny_reference):
+  """The tiny smoke run with data and workdir in the bucket, SIGKILLed after step 6 (its
+  checkpoint 4 written) and run again to the end. The first run keeps its compiled programs
+  in gs://.../jax_cache (config.compilation_cache), the second loads them from there."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/killed"
+  env = _train_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  flags = [*TINY, f"--config.data.path={demo_on_gcs}"]
+  proc = test_train.run(1, workdir, *flags, "--config.debug.signal_after_step=6",
+                        "--config.debug.signal=SIGKILL", env=env)
+  assert proc.returncode == -9, proc.stderr[-4000:]
+  _fresh()
+  first = {"steps": test_train.steps(workdir), "metrics": sorted(test_train.metrics(workdir)),
+           "cache": [p.name for p in (epath.Path(workdir) / "jax_cache").iterdir()]}
+  second = test_train.ok(test_train.run(1, workdir, *flags, env=env))
+  _fresh()
+  return workdir, first, second
+
+
+@pytest.mark.slow
+def test_killed_run_on_gcs_resumes_to_the_local_runs_weights_bitwise(gs_run, tiny_reference):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir, first, second = gs_run
+  assert first["steps"] == [4] and first["metrics"] == list(range(1, 7))
+  assert any(name.endswith("-cache") for name in first["cache"]), first["cache"]
+  assert "resumed from step 4 in gs://test/runs/killed/checkpoints" in second.stderr
+  assert test_train.steps(workdir) == [8, 12, 16]
+  want, got = test_train.metrics(tiny_reference), test_train.metrics(workdir)
+  assert {s: (m["loss"], m["data_fingerprint"]) for s, m in got.items()} == {
+      s: (m["loss"], m["data_fingerprint"]) for s, m in want.items()}
+  want, got = test_train.saved_state(tiny_reference, 16), test_train.saved_state(workdir, 16)
+  assert want.keys() == got.keys()
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert not different, different[:10]
+  config = json.loads((epath.Path(workdir) / "config.json").read_text())
+  assert config["data"]["path"] == "gs://test/demo"
+  events = list((epath.Path(workdir) / "tensorboard").iterdir())
+  assert events and all(e.stat().length > 0 for e in events)
+
+
+def _train_env():
+  """The environment of tests/test_train.py's runs (its compilation cache, CPU, PYTHONPATH)."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  return test_train._env()  # pylint: disable=protected-access
+
+
+def _python(*args, timeout=600):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=_train_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = gs_run[0]
+  out = "gs://test/exports/final.npz"
+  test_train.ok(_python("-m", "unitsface_jax.export", f"--workdir={workdir}", "--format=npz",
+                        f"--out={out}"))
+  _fresh()
+  weights = np.load(io.BytesIO(epath.Path(out).read_bytes()))
+  state = test_train.saved_state(workdir, 16)
+  np.testing.assert_array_equal(weights["conv1.weight"],
+                                state["/params/backbone/conv1/kernel/value"].transpose(3, 2, 0, 1))
+  bin_url = "gs://test/bins/orl_val.bin"
+  epath.Path(bin_url).write_bytes(demo.demo_bin_path().read_bytes())
+  reports = "gs://test/reports"
+  results = {}
+  for source in (f"--workdir={workdir}", f"--params={out}"):
+    proc = test_train.ok(_python("-m", "unitsface_jax.evaluate", "--protocol=verification",
+                                 source, f"--data={bin_url}", f"--out={reports}",
+                                 "--batch_size=64"))
+    assert "orl_val" in proc.stdout
+    _fresh()
+    results[source] = json.loads((epath.Path(reports) / "verification.json").read_text())
+  assert (epath.Path(reports) / "verification_roc.png").read_bytes()[:4] == b"\x89PNG"
+  # The checkpoint and its export are the same weights: the same accuracy, to the bit.
+  first, second = results.values()
+  assert first["orl_val"]["accuracy"] == second["orl_val"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, demo_on_gcs,
+                                                                        free_port):
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/two_processes"
+  flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
+  for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags,
+                                                          env=_train_env()):
+    assert returncode == 0, stderr[-4000:]
+  _fresh()
+  assert test_train.steps(workdir) == [4, 8]
+  assert sorted(test_train.metrics(workdir)) == list(range(1, 9))
+  # Each process saved its own data-iterator state beside the shared arrays.
+  data = [p.name for p in (epath.Path(workdir) / "checkpoints" / "8" / "data").iterdir()]
+  assert sorted(n for n in data if n.startswith("process_")) == [
+      "process_0-of-2.json", "process_1-of-2.json"], data
+
+
+@pytest.mark.slow
+def test_a_save_into_a_bucket_that_went_away_stops_naming_the_step_and_a_rerun_resumes(
+    tmp_path, tiny_reference):
+  """The workdir's bucket disappears between checkpoints 4 and 8 (its folder on the server is
+  moved away: every write answers 404): the run stops with one line naming checkpoint 8;
+  checkpoint 4 is untouched; with the bucket back, a rerun resumes from it and ends with the
+  weights of the uninterrupted run."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  import test_train  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "root"
+  server = gcs_server.GcsServer(root, gcs_server.unused_port())
+  try:
+    server.start()
+    server.create_bucket("run")
+    env = {**_train_env(), **server.env()}
+    workdir = "gs://run/smoke"
+    # Logged only at step 16: the first write after step 5 is the save of step 8.
+    flags = [*TINY, "--config.log_every_steps=16"]
+    with open(tmp_path / "stderr", "w+") as log:
+      proc = subprocess.Popen(
+          [sys.executable, str(test_train.RUN), "1", test_train.SMOKE, f"--workdir={workdir}",
+           *flags, "--config.debug.signal_after_step=5", "--config.debug.signal=SIGSTOP"],
+          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+      try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops after step 5
+        if not os.WIFSTOPPED(status):
+          log.seek(0)
+          pytest.fail(f"the run ended ({status}) before its drill stopped it: {log.read()[-4000:]}")
+        saved = root / "run" / "smoke" / "checkpoints" / "4"
+        before = {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()}
+        assert saved / "commit_success.txt" in before
+        os.rename(root / "run", root / "run.away")  # the bucket is gone
+        proc.send_signal(signal.SIGCONT)
+        returncode = proc.wait(timeout=600)
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+      log.seek(0)
+      stderr = log.read()
+    assert returncode == 1, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-4000:]
+    assert errors[0].startswith(
+        "error: saving checkpoint 8 to gs://run/smoke/checkpoints failed ("), stderr[-4000:]
+    assert errors[0].endswith("the checkpoints before it are kept"), stderr[-4000:]
+    os.rename(root / "run.away", root / "run")
+    after = {p: p.read_bytes() for p in sorted(saved.rglob("*")) if p.is_file()}
+    assert after == before
+    proc = test_train.ok(test_train.run(1, workdir, *flags, env=env))
+    assert "resumed from step 4" in proc.stderr
+    want = test_train.saved_state(tiny_reference, 16)
+    # The server keeps each object as a file at its name: the bucket's folder is the workdir.
+    got = test_train.saved_state(root / "run" / "smoke", 16)
+    different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+    assert want.keys() == got.keys() and not different, different[:10]
+  finally:
+    server.stop()
+
