@@ -94,6 +94,16 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
                          **kwargs)
 
 
+def width_error(name: str, width: int) -> str | None:
+  """Why ``create(name, width=width)`` would fail (None when it builds)."""
+  if width < 1:
+    return "must be a positive number of channels"
+  if name in VIT_ARCHS and VIT_ARCHS[name][0] * width // 64 % 8:
+    return (f"gives {name} an embedding dimension ({VIT_ARCHS[name][0]} x width / 64) not "
+            f"divisible by its 8 heads")
+  return None
+
+
 def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
   """The backbone a run's ``config.model`` describes, initialised from ``key`` (parameters
   and dropout stream). A config without ``width`` (written before the field existed) means
@@ -106,4 +116,4 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
 
 __all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR",
            "MobileFaceNet", "PReLU", "VisionTransformer", "count_params", "create", "list_models",
-           "macs_per_image", "summary"]
+           "macs_per_image", "summary", "width_error"]
