@@ -6,17 +6,16 @@ batch 128 per GPU on 8 GPUs (global 1024), 40 epochs, polynomial decay without w
 (bfloat16 here), 93,431 identities.
 """
 
-from configs import glint_mbf
+from configs import ms1mv3_r100
 
-VARIANTS = glint_mbf.VARIANTS
+VARIANTS = ms1mv3_r100.VARIANTS
 
 
 def get_config(arg=None):
   """MS1MV3 MobileFaceNet recipe; variants as glint_r100 (runlocal)."""
-  config = glint_mbf.get_config(arg)
-  config.data.path = "gs://YOUR_BUCKET/ms1mv3"
-  config.data.num_classes = 93_431
-  config.data.num_images = 5_179_510
+  config = ms1mv3_r100.get_config(arg)
+  config.model.name = "mbf"
+  config.optimizer.weight_decay = 1e-4
   config.num_epochs = 40
   config.loss.s2c = "arcface"
   config.loss.s2c_margin = 0.5
