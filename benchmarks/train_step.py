@@ -47,7 +47,8 @@ _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _CLASSES = flags.DEFINE_integer("classes", 10_572, "Head classes (CASIA-WebFace).")
-_WIDTH = flags.DEFINE_integer("width", 64, "IR trunk width (64: the published models).")
+_WIDTH = flags.DEFINE_integer("width", 64, "Backbone width, models.create's (64: the "
+                              "published models).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices (0: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Timed rounds (median reported).")
 _STEPS = flags.DEFINE_integer(

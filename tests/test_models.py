@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unitsface_jax import cpu_tuning, models
-from unitsface_jax.models import BatchNorm, Frozen, layers
+from unitsface_jax.models import BatchNorm, Frozen, layers, mobilefacenet, vit
 
 # Published parameter counts (millions) and GMACs of insightface's IResNets.
 EXPECTED_PARAMS_M = {"iresnet18": 24.03, "iresnet34": 34.14, "iresnet50": 43.59,
@@ -227,3 +227,119 @@ def test_strided_conv_gradients_are_xla_own_unless_turned_on():
   with cpu_tuning.strided_conv_gradients():
     assert "custom_vjp_call" in jaxpr()
   assert "custom_vjp_call" not in jaxpr()
+
+
+# ------------------------------------------------------------- MobileFaceNet and ViT
+# arcface_torch's README model table: ViT-T 1.5, ViT-S 5.7, ViT-B 11.4, ViT-L 25.3 GFLOPs
+# (counted as multiply-accumulates); MobileFaceNet 0.45.
+EXPECTED_NEW_GMACS = {"mbf": 0.44, "vit_t": 1.50, "vit_b": 11.44}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NEW_GMACS))
+def test_new_backbone_macs(name):
+  macs = models.macs_per_image(abstract(name)) / 1e9
+  assert macs == pytest.approx(EXPECTED_NEW_GMACS[name], rel=0.01)
+
+
+def test_mbf_layout_and_init_match_arcface_torch():
+  model = abstract("mbf")
+  # Stem 3x3 s2 to 128; the second ConvBlock is grouped (64 groups of 2 channels).
+  assert model.layers[0].layers[0].kernel.shape == (3, 3, 3, 128)
+  assert model.layers[1].layers[0].kernel.shape == (3, 3, 2, 128)
+  # Residual stages of 4, 6 and 2 DepthWise blocks; expand 1x1 -> depthwise 3x3 -> project.
+  assert [len(model.layers[i].layers) for i in (3, 5, 7)] == [4, 6, 2]
+  block = model.layers[5].layers[0]
+  assert [m.layers[0].kernel.shape for m in block.layers] == [(1, 1, 256, 256), (3, 3, 1, 256),
+                                                             (1, 1, 256, 256)]
+  assert model.features.layers[0].layers[0].kernel.shape == (7, 7, 1, 512)
+  # kaiming normal (fan_out, relu): std = sqrt(2 / (out * kh * kw)); PReLU 0.25.
+  conv_sep = mobilefacenet.ConvBlock(256, 512, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert np.asarray(conv_sep.layers[0].kernel[...]).std() == pytest.approx(np.sqrt(2 / 512),
+                                                                           rel=0.05)
+  np.testing.assert_array_equal(conv_sep.layers[2].slope[...], 0.25)
+
+
+def test_vit_layout_and_init_match_arcface_torch():
+  model = abstract("vit_t")
+  assert model.patch_embed.proj.kernel.shape == (9, 9, 3, 256)
+  assert model.pos_embed.shape == (1, 144, 256) and len(model.blocks) == 12
+  assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].attn.proj.bias is not None
+  assert model.feature[0].kernel.shape == (144 * 256, 256) and model.feature[1].eps == 2e-5
+  mlp = vit.Mlp(256, 1024, 0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert np.asarray(mlp.fc1.kernel[...]).std() == pytest.approx(0.02, rel=0.05)
+  np.testing.assert_array_equal(mlp.fc1.bias[...], 0.0)
+  # Stochastic depth rises linearly from 0 to the name's rate; the mask ratio is the name's.
+  assert [b.drop_path.rate for b in model.blocks][::11] == [0.0, pytest.approx(0.1)]
+  assert model.token_mask.ratio == 0.1
+  assert abstract("vit_t_dp005_mask0").token_mask.ratio == 0.0
+
+
+def test_vit_mlp_is_relu6():
+  mlp = vit.Mlp(32, 128, 0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.linspace(-8, 8, 64 * 32).reshape(1, 64, 32)
+  h = mlp.fc1(x)
+  np.testing.assert_allclose(mlp(x), mlp.fc2(jnp.clip(h, 0, 6)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mbf", "vit_t"])
+def test_new_backbones_train_eval_modes_and_noise_stream(name):
+  model = models.create(name, rngs=nnx.Rngs(params=0, dropout=1), width=8)
+  x = jax.random.uniform(jax.random.key(1), (4, 112, 112, 3), minval=-1, maxval=1)
+  forward = nnx.jit(lambda m, x: m(x))
+  model.eval()
+  y_eval = forward(model, x)
+  np.testing.assert_array_equal(y_eval, forward(model, x))  # no noise in eval mode
+  assert y_eval.shape == (4, 512) and y_eval.dtype == jnp.float32
+  model.train()
+  graphdef, state = nnx.split(model)
+
+  def train_out(key):
+    m = nnx.merge(graphdef, state, copy=True)
+    nnx.reseed(m, dropout=key)
+    return np.asarray(forward(m, x))
+
+  a, b, a2 = train_out(jax.random.key(5)), train_out(jax.random.key(6)), train_out(
+      jax.random.key(5))
+  np.testing.assert_array_equal(a, a2)  # the noise comes from the dropout stream alone
+  if name.startswith("vit"):  # drop path and token masking: another key, another output
+    assert not np.allclose(a, b)
+  else:  # MobileFaceNet has no noise at dropout 0: train mode differs only by BN
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, y_eval)
+
+
+def test_vit_token_masking_keeps_a_random_subset_and_refills_the_rest():
+  mask = vit.TokenMask(0.25, rngs=nnx.Rngs(0))
+  x = jnp.arange(2 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 3)
+  kept, restore = mask.mask(x)
+  assert kept.shape == (2, 6, 3)  # int(8 x 0.75) tokens per sample
+  token = jnp.full((1, 1, 3), -1.0)
+  back = np.asarray(mask.restore(kept, restore, token))
+  for n in range(2):
+    refilled = np.all(back[n] == -1.0, axis=1)
+    assert refilled.sum() == 2
+    np.testing.assert_array_equal(back[n][~refilled], np.asarray(x)[n][~refilled])
+
+
+def test_vit_bfloat16_close_to_float32():
+  x = jax.random.uniform(jax.random.key(2), (2, 112, 112, 3), minval=-1, maxval=1)
+  forward = nnx.jit(lambda m, x: m(x))
+  outs = []
+  for dtype in ("bfloat16", "float32"):
+    model = models.create("vit_t", rngs=nnx.Rngs(0), dtype=dtype, width=8)
+    model.eval()
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+        np.dtype(np.float32)}
+    outs.append(forward(model, x))
+  y16, y32 = outs
+  assert y16.dtype == jnp.float32
+  cos = jnp.sum(y16 * y32, -1) / jnp.linalg.norm(y16, axis=-1) / jnp.linalg.norm(y32, axis=-1)
+  assert float(cos.min()) > 0.99
+
+
+def test_new_backbones_width():
+  assert abstract("mbf", width=16).conv_sep.layers[0].kernel.shape == (1, 1, 64, 128)
+  assert abstract("vit_b", width=16).pos_embed.shape == (1, 144, 128)
+  assert models.width_error("vit_t", 3) is not None and models.width_error("vit_t", 2) is None
+  with pytest.raises(ValueError, match="divisible by the 8 heads"):
+    models.create("vit_t", rngs=nnx.Rngs(0), width=3)

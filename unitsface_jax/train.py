@@ -200,8 +200,8 @@ def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int,
       else:
         if groups:
           _set_bn_groups(model, groups)
-        if config.model.dropout > 0:
-          nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
+        # Dropout, and a ViT's drop path and token masking, draw from this stream.
+        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
       embeddings = model(images)
       head_state = head_lib.HeadState(params["head"], state["head_buffers"])
       terms, new_head = head_lib.head_loss(

@@ -20,7 +20,7 @@ def export_onnx(model_name: str, state_dict: dict[str, np.ndarray], out, *,
   import torch  # pylint: disable=g-import-not-at-top
   from unitsface_jax.export import params_io, torch_modules  # pylint: disable=g-import-not-at-top
 
-  net = torch_modules.get_model(model_name, width=params_io.infer_width(state_dict),
+  net = torch_modules.get_model(model_name, width=params_io.infer_width(state_dict, model_name),
                                 num_features=params_io.infer_num_features(state_dict))
   net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
                       strict=True)

@@ -8,6 +8,8 @@ only the leaf names and the layouts differ:
   nnx.Linear kernel [in, out], bias    <->  weight [out, in], bias
   BatchNorm  scale, bias, mean, var    <->  weight, bias, running_mean, running_var
   PReLU      slope                     <->  weight
+  LayerNorm  scale, bias               <->  weight, bias
+  ViT        pos_embed, mask_token     <->  pos_embed, mask_token (same layout)
 
 ``num_batches_tracked`` is neither written nor needed (PyTorch's BatchNorm fills it in when it
 is missing, and it plays no part with the default momentum).
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from unitsface_jax.models.layers import BatchNorm, PReLU
+from unitsface_jax.models.vit import VisionTransformer
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -43,6 +46,10 @@ def _entries(module) -> list[_Entry]:
             ("mean", "running_mean", _same, _same), ("var", "running_var", _same, _same)]
   if isinstance(module, PReLU):
     return [("slope", "weight", _same, _same)]
+  if isinstance(module, nnx.LayerNorm):
+    return [("scale", "weight", _same, _same), ("bias", "bias", _same, _same)]
+  if isinstance(module, VisionTransformer):
+    return [("pos_embed", "pos_embed", _same, _same), ("mask_token", "mask_token", _same, _same)]
   return []
 
 

@@ -1,4 +1,5 @@
-"""Backbones by name: insightface's ``iresnet*`` and the official UniTSFace ``lresnet*_eir``.
+"""Backbones by name: insightface's ``iresnet*``, ``mbf*`` (MobileFaceNet) and ``vit_*``, and the
+official UniTSFace ``lresnet*_eir``.
 
 ``create(name, rngs=...)`` builds a Flax NNX module whose ``__call__`` maps NHWC images in
 [-1, 1] of shape [N, 112, 112, 3] to [N, 512] float32 embeddings; ``model.eval()`` and
@@ -18,7 +19,25 @@ from flax import nnx
 from unitsface_jax.models.iresnet import IResNet
 from unitsface_jax.models.layers import BatchNorm, Frozen, PReLU
 from unitsface_jax.models.lresnet_eir import LResNetEIR
+from unitsface_jax.models.mobilefacenet import MobileFaceNet
 from unitsface_jax.models.summary import count_params, macs_per_image, summary
+from unitsface_jax.models.vit import VisionTransformer
+
+
+# insightface arcface_torch backbones/__init__.py get_model: the names and, per name, the
+# MobileFaceNet (blocks per stage, channel scale) and the ViT (embedding dimension, depth,
+# drop-path rate, mask ratio; 8 heads and patch 9 in all) arguments there.
+MBF_ARCHS = {"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
+VIT_ARCHS = {
+    "vit_t": (256, 12, 0.1, 0.1),
+    "vit_t_dp005_mask0": (256, 12, 0.05, 0.0),
+    "vit_s": (512, 12, 0.1, 0.1),
+    "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0),
+    "vit_b": (512, 24, 0.1, 0.1),
+    "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05),
+    "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05),
+    "vit_h": (1024, 48, 0.1, 0.0),
+}
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "iresnet18": functools.partial(IResNet, (2, 2, 2, 2)),
@@ -30,6 +49,9 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "lresnet100_eir": functools.partial(LResNetEIR, (3, 13, 30, 3)),
     # CVI-SZU/UniTSFace backbone.py: LResNet200EIR = [3, 33, 60, 3].
     "lresnet200_eir": functools.partial(LResNetEIR, (3, 33, 60, 3)),
+    **{name: functools.partial(MobileFaceNet, *arch) for name, arch in MBF_ARCHS.items()},
+    **{name: functools.partial(VisionTransformer, dim, depth, 8, drop_path=dp, mask_ratio=mask)
+       for name, (dim, depth, dp, mask) in VIT_ARCHS.items()},
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,12 +74,14 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
     name: one of :func:`list_models`.
     rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training with dropout > 0).
     dtype: activation dtype, "float32" or "bfloat16" (or the jnp dtype).
-    dropout: dropout rate before the embedding layer; None keeps the family's default
-      (insightface 0.0, official UniTSFace 0.4).
+    dropout: dropout rate before the embedding layer (ViT: the reference's ``drop_rate``,
+      models/vit.py); None keeps the family's default (insightface 0.0, official UniTSFace
+      0.4).
     num_features: embedding size.
     width: channels of the first stage (the stages have width x 1, 2, 4, 8). The published
       models all have 64; a narrower trunk trains and runs in a fraction of the time (the
       demo's smoke run and the tests use 16). Weight files record it in ``conv1.weight``.
+      MobileFaceNet scales every channel count by width / 64, ViT its embedding dimension.
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
@@ -70,6 +94,16 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
                          **kwargs)
 
 
+def width_error(name: str, width: int) -> str | None:
+  """Why ``create(name, width=width)`` would fail (None when it builds)."""
+  if width < 1:
+    return "must be a positive number of channels"
+  if name in VIT_ARCHS and VIT_ARCHS[name][0] * width // 64 % 8:
+    return (f"gives {name} an embedding dimension ({VIT_ARCHS[name][0]} x width / 64) not "
+            f"divisible by its 8 heads")
+  return None
+
+
 def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
   """The backbone a run's ``config.model`` describes, initialised from ``key`` (parameters
   and dropout stream). A config without ``width`` (written before the field existed) means
@@ -80,5 +114,6 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
                 width=model_config.get("width", 64))
 
 
-__all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR", "PReLU", "count_params", "create",
-           "list_models", "macs_per_image", "summary"]
+__all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR",
+           "MobileFaceNet", "PReLU", "VisionTransformer", "count_params", "create", "list_models",
+           "macs_per_image", "summary", "width_error"]

@@ -9,6 +9,7 @@ scale as a :class:`Frozen` variable, which is saved with the model but is not an
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -102,11 +103,64 @@ class Conv(nnx.Conv):
   """
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    if (self.feature_group_count > 1 and out_sharding is None and _TAPS["on"]
+        and jax.default_backend() == "cpu"):
+      return _grouped_conv_taps(self, x)
     if out_sharding is None and cpu_tuning.strided_conv_gradients_active():
       y = cpu_tuning.strided_conv(self, x)
       if y is not None:
         return y
     return super().__call__(x, out_sharding=out_sharding)
+
+
+# Grouped convolutions on the CPU backend run as a sum over the kernel's taps (see
+# _grouped_conv_taps); models.summary turns this off to count their MACs from the conv.
+_TAPS = {"on": True}
+
+
+@contextlib.contextmanager
+def grouped_conv_as_taps(on: bool):
+  """Within the block, CPU grouped convolutions are (``on``) or are not tap sums."""
+  before = _TAPS["on"]
+  _TAPS["on"] = on
+  try:
+    yield
+  finally:
+    _TAPS["on"] = before
+
+
+def _grouped_conv_taps(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """A grouped convolution (MobileFaceNet's depthwise and 2-channel-group 3x3s) as a sum of
+  strided slices times per-channel weights, accumulated in float32.
+
+  The result equals ``nnx.Conv``'s; on XLA:CPU the grouped ``conv_general_dilated`` is ~2x
+  slower forward and ~13x slower in its gradients than these fused elementwise products
+  (32 x 56 x 56 x 128 depthwise 3x3, BENCHMARKS.md).
+  """
+  kh, kw = conv.kernel_size
+  sh, sw = (conv.strides,) * 2 if isinstance(conv.strides, int) else conv.strides
+  (pt, pb), (pl, pr) = conv.padding
+  kernel = conv.kernel[...].astype(jnp.float32)
+  in_pg, cout = kernel.shape[2], kernel.shape[3]
+  groups = conv.feature_group_count
+  out_pg = cout // groups
+  n, h, w, cin = x.shape
+  xp = jnp.pad(x.astype(conv.dtype or x.dtype).astype(jnp.float32),
+               ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  y = None
+  for dy in range(kh):
+    for dx in range(kw):
+      xs = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1,
+                                              cin), (1, sh, sw, 1))
+      xs = xs.reshape(n, ho, wo, groups, in_pg)
+      for j in range(in_pg):  # input channel j of each group, to the group's outputs
+        xj = jnp.broadcast_to(xs[..., j:j + 1], (n, ho, wo, groups, out_pg))
+        term = xj.reshape(n, ho, wo, cout) * kernel[dy, dx, j]
+        y = term if y is None else y + term
+  if conv.bias is not None:
+    y = y + conv.bias[...].astype(jnp.float32)
+  return y.astype(conv.dtype or x.dtype)
 
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int, *,

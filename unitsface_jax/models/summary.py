@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 from flax import nnx
 
-from unitsface_jax.models.layers import Frozen
+from unitsface_jax.models.layers import Frozen, grouped_conv_as_taps
 
 
 def count_params(model: nnx.Module) -> int:
@@ -58,7 +58,8 @@ def macs_per_image(model: nnx.Module, image_size: int = 112) -> int:
 
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-  return _macs_of_jaxpr(jax.make_jaxpr(forward)(abstract_state, x).jaxpr)
+  with grouped_conv_as_taps(False):  # count grouped convolutions as convolutions
+    return _macs_of_jaxpr(jax.make_jaxpr(forward)(abstract_state, x).jaxpr)
 
 
 def summary(name: str, model: nnx.Module) -> str:
