@@ -11,8 +11,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from configs import demo
+from unitsface_jax import optim, parallel, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,3 +42,31 @@ def test_demo_smoke_trains_and_reports_held_out_accuracy(name, tmp_path):
   assert np.mean([losses[s] for s in (6, 7, 8)]) < np.mean([losses[s] for s in (1, 2, 3)])
   accuracy = [m["eval/orl_val/accuracy"] for m in lines if "eval/orl_val/accuracy" in m]
   assert accuracy and 0.5 <= accuracy[-1] <= 1.0, lines
+
+
+def _first_loss(name: str, step: int) -> float:
+  """The loss a train step computes at ``step`` from the same weights and the same batch."""
+  config = demo.get_config("smoke")
+  config.model.name = name
+  config.model.width = 4
+  config.model.num_features = 32
+  config.loss.uss_start_epoch = 100  # the loss is CosFace's alone at both steps
+  mesh = parallel.make_mesh(1)
+  tx = optim.make(config, 100)
+  graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
+  state["step"] = jax.device_put(jnp.int32(step), parallel.replicated(mesh))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)
+  labels = rng.integers(0, config.data.num_classes, (config.batch_size,), dtype=np.int32)
+  step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, 100)
+  _, metrics = step_fn(state, jnp.asarray(images), jnp.asarray(labels))
+  return float(metrics["loss"])
+
+
+def test_vit_draws_new_token_masks_and_drop_paths_every_step():
+  """vit_t masks 10 % of its tokens and drops paths while training (its dropout is 0): each
+  step reseeds that stream from (seed, step), so the same weights and batch give another loss
+  at the next step, and the same loss at the same step."""
+  at_0, at_1, again_0 = (_first_loss("vit_t", s) for s in (0, 1, 0))
+  assert at_0 == again_0
+  assert at_0 != at_1
