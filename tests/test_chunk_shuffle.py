@@ -152,3 +152,20 @@ def test_a_chunk_epoch_from_gcs_makes_one_request_per_chunk(gcs, demo_on_gcs):
   # 3 chunks (128, 128, 64 records), each fetched once (the reader keeps two windows of
   # chunks): under one request per 64 records.
   assert counts["chunks"] == 3 and counts["chunks"] <= 320 / 64, counts
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shuffle", "window", "config.data.shuffle = 'window': must be 'records' or 'chunks'"),
+    ("chunk_records", 0, "config.data.chunk_records = 0: must be a positive integer"),
+    ("shuffle_window", -1, "config.data.shuffle_window = -1: must be a positive integer"),
+])
+def test_bad_shuffle_settings_name_the_field(field, value, message):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.data.shuffle = "chunks"
+  config.data.source = "synthetic"  # chunks of a synthetic source are harmless
+  config_checks.validate(config)
+  config.data[field] = value
+  with pytest.raises(config_checks.ConfigError, match=f"^{message.replace('.', '[.]')}$"):
+    config_checks.validate(config)
