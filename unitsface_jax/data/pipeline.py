@@ -13,7 +13,9 @@ config, so an iterator restored from its state continues exactly where it stoppe
 Every host uses the same ``examples_per_epoch = (n // process_count // batch_size) *
 batch_size`` so all hosts yield the same number of batches per epoch (SPMD steps must match);
 the few examples past that are the epoch's shuffled tail and differ each epoch. Each epoch's
-shuffle is a NumPy permutation seeded with ``[seed, epoch]``.
+shuffle is a NumPy permutation seeded with ``[seed, epoch]``: of the whole set, or with
+``chunk_records`` of chunks of consecutive records shuffled a window at a time (``_SourceIndex``;
+what an object store needs: a RecordIO source then reads a chunk in one request).
 
 ``PipelineIterator`` is the training loop's iterator: its state is the batch position (JSON),
 saved as an orbax item with ``grain.checkpoint.CheckpointSave(iterator)`` and restored with
