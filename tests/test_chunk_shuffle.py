@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 from absl import flags
-from etils import epath
 
 from unitsface_jax.data import demo, pipeline, recordio, sources
 
@@ -69,26 +68,11 @@ def test_the_records_shuffle_is_unchanged_by_the_chunk_settings():
       records(positions), np.random.default_rng([7, 1]).permutation(n))
 
 
-class _Indexed:
-  """Labels are the example indices; the image a constant grey JPEG."""
-
-  def __init__(self, n):
-    import simplejpeg  # pylint: disable=g-import-not-at-top
-    self._image = simplejpeg.encode_jpeg(np.full((112, 112, 3), 128, np.uint8))
-    self.n = n
-    self.num_classes = n
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return {"image": self._image, "label": i}
-
-
 def test_a_chunk_run_resumes_exactly_from_its_saved_state():
   config = pipeline.PipelineConfig(batch_size=8, seed=2, normalize=False, chunk_records=16,
                                    shuffle_window=3, read_threads=2)
-  source = _Indexed(200)  # 25 batches an epoch: the resume point below is in epoch 2
+  # Labels are the example indices; 25 batches an epoch: the resume point is in epoch 2.
+  source = sources.SyntheticSource(200, num_classes=200, pool_size=2)
   it = pipeline.PipelineIterator(source, config)
   for _ in range(30):
     next(it)
@@ -112,15 +96,7 @@ def test_a_chunk_run_resumes_exactly_from_its_saved_state():
 # Requests against the GCS server.
 # ------------------------------------------------------------------------------------------
 
-_REC = r"^/download/.*/o/chunks%2Ftrain\.rec\?"  # the media reads of the .rec
-
-
-@pytest.fixture(scope="module")
-def demo_on_gcs(gcs):
-  url = "gs://test/chunks"
-  for name in ("train.rec", "train.idx", "property"):
-    (epath.Path(url) / name).write_bytes((demo.demo_path() / name).read_bytes())
-  return url
+_REC = r"^/download/.*/o/demo%2Ftrain\.rec\?"  # the media reads of the .rec (conftest.py)
 
 
 def _uncached_source(url):
