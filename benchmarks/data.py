@@ -1,7 +1,7 @@
 """Input pipeline throughput vs. the raw JPEG decode rate of the same images, in one run.
 
   python benchmarks/data.py [--data=DIR] [--workers=2] [--batch_size=64] [--seconds=10]
-  python benchmarks/data.py --gcs [--workers=2] [--seconds=10]
+  python benchmarks/data.py --gcs [--workers=2] [--seconds=10] [--synthetic_records=N]
 
 Measures, on the same encoded images (default: the bundled ORL demo RecordIO set):
   raw:            simplejpeg.decode_jpeg to RGB in a loop, one process, images in memory;
@@ -19,8 +19,11 @@ With ``--gcs`` it measures instead where the records come from (the issue 13 row
 training configuration with ``--workers`` decoding threads reading the RecordIO set from the
 local disk, and from a GCS emulator on 127.0.0.1 (fake-gcs-server, ``tests/gcs_server.py``)
 through ``gs://`` as the package reads it (the file fits the 256 MiB block cache: 8 MiB range
-requests) and with the cache off (one range request per record, what a file larger than the
-cache costs); with the HTTP requests per 64 records counted from the server's log. The
+requests) and with the cache off (what a file larger than the cache costs: one range request
+per record with the exact shuffle, one per chunk with ``data.shuffle = "chunks"``,
+``--chunk_records`` and ``--shuffle_window``; ``--synthetic_records=N`` reads a set of N
+synthetic faces instead of ``--data``); with the HTTP requests per 64 records counted from
+the server's log. The
 emulator answers in well under a millisecond; real GCS takes tens of milliseconds a request,
 so on GCS the uncached row is the one that changes most.
 Each pipeline is started afresh in each of its rounds and timed after its workers have
@@ -34,6 +37,7 @@ goal: pipeline >= 0.9 * workers * raw.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -57,6 +61,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Per-host batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds per measurement round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds of each measurement.")
 _GCS = flags.DEFINE_bool("gcs", False, "Measure local disk against a GCS emulator (RecordIO).")
+_SYNTHETIC = flags.DEFINE_integer(
+    "synthetic_records", 0, "With --gcs: read a RecordIO set of this many synthetic 112x112 "
+    "JPEGs (written to a temporary folder) instead of --data.")
+_CHUNK_RECORDS = flags.DEFINE_integer("chunk_records", 1024,
+                                      "With --gcs: config.data.chunk_records of the chunks row.")
+_WINDOW = flags.DEFINE_integer("shuffle_window", 16,
+                               "With --gcs: config.data.shuffle_window of the chunks row.")
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -127,14 +138,22 @@ def _gcs_main() -> None:
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
   import gcs_server  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
+    data = pathlib.Path(_DATA.value)
+    if _SYNTHETIC.value:
+      data = pathlib.Path(tmp) / "synthetic"
+      fake = sources.SyntheticSource(_SYNTHETIC.value, num_classes=_SYNTHETIC.value // 64)
+      recordio.write_insightface(data, ((i * fake.num_classes // len(fake), fake[i]["image"])
+                                        for i in range(len(fake))), fake.num_classes)
     port = gcs_server.unused_port()
     with gcs_server.GcsServer(pathlib.Path(tmp) / "root", port) as server:
       os.environ.update(server.env())
       url = server.create_bucket("bench") + "/data"
-      gcs_server.upload_tree(pathlib.Path(_DATA.value), url)
+      gcs_server.upload_tree(data, url)
       config = pipeline.PipelineConfig(batch_size=_BATCH.value, seed=0, worker_count=0,
                                        read_threads=_WORKERS.value, normalize=False,
                                        defer_flip=True)
+      chunks = dataclasses.replace(config, chunk_records=_CHUNK_RECORDS.value,
+                                   shuffle_window=_WINDOW.value)
 
       def uncached():
         source = sources.RecordIOSource(url)
@@ -144,17 +163,21 @@ def _gcs_main() -> None:
 
       # The same set converted to ArrayRecord (data/prepare.py), local and in the bucket.
       from unitsface_jax.data import prepare  # pylint: disable=g-import-not-at-top
-      built = pathlib.Path(prepare.prepare(_DATA.value, pathlib.Path(tmp) / "tfds")["dir"])
+      built = pathlib.Path(prepare.prepare(data, pathlib.Path(tmp) / "tfds")["dir"])
       built_url = f"{url}_tfds"
       gcs_server.upload_tree(built, built_url)
       # A local row last: reads a closed pipeline still has in flight must not outlive the
       # server (riegeli retries a vanished server for minutes).
-      makers = {"gcs_cached": lambda: sources.RecordIOSource(url), "gcs_uncached": uncached,
+      # The chunks row first and the uncached row before a row counted on another file: the
+      # range requests a closed pipeline still has in flight (a batch's, in records mode) land
+      # in the next row's count.
+      makers = {"gcs_uncached_chunks": uncached, "gcs_cached": lambda: sources.RecordIOSource(url),
+                "gcs_uncached": uncached,
                 "arrayrecord_gcs": lambda: sources.TFDSSource(built_url),
                 "arrayrecord_local": lambda: sources.TFDSSource(built),
-                "local": lambda: sources.RecordIOSource(_DATA.value)}
-      counted = {"gcs_cached": r"^/download/.*/o/data%2Ftrain\.rec\?",
-                 "gcs_uncached": r"^/download/.*/o/data%2Ftrain\.rec\?",
+                "local": lambda: sources.RecordIOSource(data)}
+      rec = r"^/download/.*/o/data%2Ftrain\.rec\?"
+      counted = {"gcs_cached": rec, "gcs_uncached": rec, "gcs_uncached_chunks": rec,
                  "arrayrecord_gcs": r"array_record"}
       results = {name: [] for name in makers}
       requests = {name: [0, 0] for name in makers}  # (requests, records)
@@ -163,7 +186,8 @@ def _gcs_main() -> None:
         for name, make in makers.items():
           pattern = counted.get(name, "^$")  # local rows make no requests
           before = server.requests("GET", pattern)
-          it = pipeline.PipelineIterator(make(), config)  # a fresh reader: a cold cache
+          # A fresh reader: a cold cache.
+          it = pipeline.PipelineIterator(make(), chunks if name.endswith("_chunks") else config)
           count = [0]
 
           def step(it=it, count=count):
@@ -185,7 +209,9 @@ def _gcs_main() -> None:
                     "records": requests[name][1]}
              for name, rounds in results.items()}
   print(json.dumps({
-      "data": _DATA.value, "read_threads": _WORKERS.value, "batch_size": _BATCH.value,
+      "data": _DATA.value, "synthetic_records": _SYNTHETIC.value,
+      "chunk_records": _CHUNK_RECORDS.value, "shuffle_window": _WINDOW.value,
+      "read_threads": _WORKERS.value, "batch_size": _BATCH.value,
       "seconds_per_round": _SECONDS.value, "results": summary, "load_average_1min": loads,
       "cpus": os.cpu_count(), "cpu": _cpu_model(), "commit": _commit(),
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1), flush=True)

@@ -78,6 +78,15 @@ def get_config(arg=None):
   # Threads per process that read and decode batches (the JPEG decoder releases the GIL);
   # with num_workers = 0 they are the only parallelism (BENCHMARKS.md, "Input pipeline").
   config.data.read_threads = 1
+  # records: an exact shuffle of the whole set each epoch. chunks: a random order of chunks of
+  # chunk_records consecutive records, the records of shuffle_window chunks shuffled together;
+  # a RecordIO file in GCS larger than 256 MiB then costs one request per chunk per reading
+  # process (per record: num_workers / chunk_records), not one per record. Batches mix
+  # shuffle_window chunks, and with several hosts the global batch depends on their number
+  # (README.md, "Which layout on GCS").
+  config.data.shuffle = "records"
+  config.data.chunk_records = 1024
+  config.data.shuffle_window = 16
 
   config.loss = ml_collections.ConfigDict()
   # cosface | arcface | combined | adaface | curricularface | magface | normalized_bce | uce

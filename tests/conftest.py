@@ -148,3 +148,14 @@ def gcs(tmp_path_factory):
     server.stop()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def demo_on_gcs(gcs):
+  """The bundled demo RecordIO set, uploaded to gs://test/demo."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from unitsface_jax.data import demo  # pylint: disable=g-import-not-at-top
+  url = "gs://test/demo"
+  for name in ("train.rec", "train.idx", "property"):
+    (epath.Path(url) / name).write_bytes((demo.demo_path() / name).read_bytes())
+  return url

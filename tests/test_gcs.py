@@ -47,15 +47,6 @@ def test_main_with_a_gs_path_and_no_gcsfs_stops_in_one_line_naming_the_extra(tmp
   assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def demo_on_gcs(gcs):
-  """The bundled demo RecordIO set, uploaded to gs://test/demo."""
-  url = "gs://test/demo"
-  for name in ("train.rec", "train.idx", "property"):
-    (epath.Path(url) / name).write_bytes((demo.demo_path() / name).read_bytes())
-  return url
-
-
 def _epoch(source):
   """One shuffled epoch of the demo set in batches of 32, read by two threads of this process
   (sharing the reader: its block cache, one remote filesystem)."""

@@ -59,6 +59,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be >= 0 (0: all)")
   _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
   _require(c.data.read_threads >= 0, "data.read_threads", c.data.read_threads, "must be >= 0")
+  _require(c.data.shuffle in ("records", "chunks"), "data.shuffle", c.data.shuffle,
+           "must be 'records' or 'chunks'")
+  for field in ("chunk_records", "shuffle_window"):
+    _require(isinstance(c.data[field], int) and c.data[field] >= 1, f"data.{field}",
+             c.data[field], "must be a positive integer")
   _require(c.loss.s2c in S2C_LOSSES, "loss.s2c", c.loss.s2c, f"must be one of {S2C_LOSSES}")
   _require(c.loss.s2s in S2S_LOSSES, "loss.s2s", c.loss.s2s, f"must be one of {S2S_LOSSES}")
   for field in ("s2c_scale", "s2s_scale"):

@@ -74,12 +74,14 @@ def make_data_iterator(config: ml_collections.ConfigDict,
                        source) -> pipeline_lib.PipelineIterator:
   """This process's share of every global batch, as the training loop reads it: uint8 images
   and the flip coins, mirrored and normalised in the train step (``config.data`` sets the
-  workers, read threads and bad-record policy)."""
+  workers, read threads, bad-record policy and the shuffle: records or chunks)."""
   return pipeline_lib.PipelineIterator(
       source, pipeline_lib.PipelineConfig(
           batch_size=config.batch_size // jax.process_count(), seed=config.seed,
           worker_count=config.data.num_workers, read_threads=config.data.read_threads,
-          skip_bad_records=config.data.skip_bad_records, normalize=False, defer_flip=True),
+          skip_bad_records=config.data.skip_bad_records, normalize=False, defer_flip=True,
+          chunk_records=config.data.chunk_records if config.data.shuffle == "chunks" else 0,
+          shuffle_window=config.data.shuffle_window),
       process_index=jax.process_index(), process_count=jax.process_count())
 
 

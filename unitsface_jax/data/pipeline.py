@@ -13,7 +13,9 @@ config, so an iterator restored from its state continues exactly where it stoppe
 Every host uses the same ``examples_per_epoch = (n // process_count // batch_size) *
 batch_size`` so all hosts yield the same number of batches per epoch (SPMD steps must match);
 the few examples past that are the epoch's shuffled tail and differ each epoch. Each epoch's
-shuffle is a NumPy permutation seeded with ``[seed, epoch]``.
+shuffle is a NumPy permutation seeded with ``[seed, epoch]``: of the whole set, or with
+``chunk_records`` of chunks of consecutive records shuffled a window at a time (``_SourceIndex``;
+what an object store needs: a RecordIO source then reads a chunk in one request).
 
 ``PipelineIterator`` is the training loop's iterator: its state is the batch position (JSON),
 saved as an orbax item with ``grain.checkpoint.CheckpointSave(iterator)`` and restored with
@@ -66,6 +68,10 @@ class PipelineConfig:
       a bool ``"flip"`` field [B] for the consumer to apply (the training step mirrors those
       images on the accelerator, where it is free; on the host, reversing 3-byte pixels costs
       about a third of a JPEG decode). The same images are mirrored either way.
+    chunk_records: 0 shuffles the whole epoch (an exact global permutation); > 0 shuffles
+      chunks of this many consecutive records, ``shuffle_window`` chunks at a time (see
+      ``_SourceIndex``), so that an object store serves a chunk in one request.
+    shuffle_window: chunks whose records are shuffled together, with ``chunk_records``.
   """
 
   batch_size: int
@@ -80,6 +86,8 @@ class PipelineConfig:
   skip_bad_records: bool = False
   normalize: bool = True
   defer_flip: bool = False
+  chunk_records: int = 0
+  shuffle_window: int = 32
 
 
 def examples_per_epoch(num_examples: int, batch_size: int, process_count: int = 1) -> int:
@@ -103,11 +111,24 @@ class _SourceIndex:
   The epoch's permutation is drawn once per process from ``default_rng([seed, epoch])`` and
   cached (4 bytes an example: 68 MB for Glint360K's 17M): a per-index bijection such as grain's
   ``index_shuffle`` costs as much as decoding the image.
+
+  Chunk mode (``chunk_records`` > 0, MXNet ``ImageRecordIter``'s ``shuffle_chunk_size``, a
+  WebDataset shard shuffle with a shuffle buffer): the epoch's order is a random order of
+  chunks of ``chunk_records`` consecutive indices, grouped into windows of ``shuffle_window``
+  chunks whose records are shuffled together (``_chunk_permutation``), so a batch mixes the
+  records of W chunks rather than of the whole set, and a reader keeps the window's chunks
+  (one object-store request each). Host h takes the h-th contiguous share of that order
+  (``num_examples // process_count`` records, its first ``per_epoch``), so hosts read
+  disjoint windows (only the P - 1 windows that straddle two shares are read by two hosts). A
+  global batch is then the hosts' batches of different windows: unlike the exact shuffle, its
+  composition depends on the number of hosts. Flips stay keyed by the global position.
   """
 
   def __init__(self, num_examples, per_epoch, seed, shuffle, process_index, process_count,
-               batch_size):
+               batch_size, chunk_records=0, shuffle_window=1):
     self.num_examples = num_examples
+    self.chunk_records = chunk_records
+    self.shuffle_window = shuffle_window
     self.batch_size = batch_size
     self.per_epoch = per_epoch
     self.seed = seed
@@ -125,9 +146,29 @@ class _SourceIndex:
     cached_epoch, order = self._cache
     if cached_epoch != epoch:
       dtype = np.int32 if self.num_examples < 2**31 else np.int64
-      order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-      order = order.astype(dtype)
+      rng = np.random.default_rng([self.seed, epoch])
+      if self.chunk_records:
+        order = self._chunk_permutation(rng, dtype)
+      else:
+        order = rng.permutation(self.num_examples).astype(dtype)
       self._cache = (epoch, order)
+    return order
+
+  def _chunk_permutation(self, rng, dtype) -> np.ndarray:
+    """The epoch's order in chunk mode: the chunks (``chunk_records`` consecutive indices, the
+    last one shorter) in a random order, cut into windows of ``shuffle_window`` chunks, the
+    records of each window shuffled together."""
+    n, size = self.num_examples, self.chunk_records
+    chunks = rng.permutation(-(-n // size)).astype(dtype)
+    within = np.arange(size, dtype=dtype)
+    order = np.empty((n,), dtype)
+    start = 0
+    for w in range(0, chunks.size, self.shuffle_window):
+      records = (chunks[w:w + self.shuffle_window, None] * size + within).reshape(-1)
+      records = records[records < n]
+      rng.shuffle(records)
+      order[start:start + records.size] = records
+      start += records.size
     return order
 
   def global_positions(self, positions: np.ndarray) -> tuple[int, np.ndarray]:
@@ -144,6 +185,11 @@ class _SourceIndex:
     epoch, global_slots = self.global_positions(positions)
     if not self.shuffle:
       return global_slots
+    if self.chunk_records:
+      # Host h reads the h-th contiguous share of the epoch's order: its own windows.
+      share = self.num_examples // self.process_count
+      slots = positions - epoch * self.per_epoch
+      return self.permutation(epoch)[self.process_index * share + slots]
     return self.permutation(epoch)[global_slots]
 
 
@@ -245,7 +291,12 @@ def make_batches(source, config: PipelineConfig, *, process_index: int = 0,
     raise ValueError(f"{n} examples cannot fill one batch of {config.batch_size} on each of "
                      f"{process_count} hosts")
   index = _SourceIndex(n, per_epoch, config.seed, config.shuffle, process_index,
-                       process_count, config.batch_size)
+                       process_count, config.batch_size, config.chunk_records,
+                       config.shuffle_window)
+  read_in_chunks = getattr(source, "read_in_chunks", None)
+  if config.chunk_records and config.shuffle and read_in_chunks is not None:
+    # The source reads a chunk's bytes at once and keeps a window of chunks (sources.py).
+    read_in_chunks(config.chunk_records, config.shuffle_window)
   # A batch is one element that one worker builds whole, and mp_prefetch interleaves workers
   # in order, so batch b holds the same examples for any worker count.
   batches = grain.MapDataset.range(per_epoch // config.batch_size).repeat(config.num_epochs)
@@ -303,9 +354,12 @@ class PipelineIterator:
   def _identity(self) -> dict[str, Any]:
     # What must match for a saved position to mean the same batches.
     c = self.config
+    chunks = c.shuffle and c.chunk_records > 0
     return {"num_examples": len(self.source), "batch_size": c.batch_size, "seed": c.seed,
             "shuffle": c.shuffle, "random_flip": c.random_flip,
-            "process_index": self._process_index, "process_count": self._process_count}
+            "process_index": self._process_index, "process_count": self._process_count,
+            "chunk_records": c.chunk_records if chunks else 0,
+            "shuffle_window": c.shuffle_window if chunks else 0}
 
   def start_prefetch(self) -> None:
     """Builds the grain pipeline at the current position and starts its workers."""
@@ -333,7 +387,9 @@ class PipelineIterator:
     if isinstance(state, (bytes, str)):
       state = json.loads(state)
     expected = self._identity()
-    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    # States saved before chunk mode existed lack its keys: they were the exact shuffle (0).
+    saved = {"chunk_records": 0, "shuffle_window": 0, **state}
+    changed = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if changed:
       raise ValueError(f"the saved data state does not match this pipeline (saved, now): "
                        f"{changed}; resuming would change the data order")

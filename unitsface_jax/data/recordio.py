@@ -24,11 +24,15 @@ position. A file in an object store (``gs://``) is read in HTTP range requests, 
 costs tens of milliseconds on GCS whatever its size: a file of up to ``cache_bytes`` (256 MiB)
 is fetched in 8 MiB blocks that each process keeps once read (memory: the file, per reading
 process), so a random order over it costs one request per block, not one per record; a larger
-file costs one request per record (its bytes only, not a readahead buffer).
+file costs one request per record (its bytes only, not a readahead buffer), unless the caller
+reads it in spans: with ``cache_spans(n)`` a ``read(key, span=(start, end))`` fetches the whole
+byte range ``span`` (a chunk of consecutive records, ``span_of``) in one request and keeps the
+``n`` most recently used spans, which the pipeline's chunk shuffle reads a window at a time.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -216,6 +220,7 @@ class RecordIOReader:
     self._local = not storage.is_remote(self.rec_path)
     self._block_bytes = block_bytes
     self._cached = self.file_size <= cache_bytes
+    self._span_capacity = 0
     self._open_state()
     if idx_path is not None and epath.Path(idx_path).exists():
       keys, offsets = _read_idx(epath.Path(idx_path))
@@ -239,13 +244,45 @@ class RecordIOReader:
     self._fd = None
     self._remote = None  # (fsspec filesystem, path in it), opened on first use
     self._blocks = {}  # block index -> bytes, for a file of at most cache_bytes
+    self._spans = collections.OrderedDict()  # start -> (end, bytes), least recently used first
+    self._sorted_offsets = None
     self._lock = threading.Lock()
+    self._fetch_lock = threading.Lock()
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    for name in ("_pid", "_fd", "_remote", "_blocks", "_lock"):
+    for name in ("_pid", "_fd", "_remote", "_blocks", "_spans", "_sorted_offsets", "_lock",
+                 "_fetch_lock"):
       state.pop(name)
     return state
+
+  def cache_spans(self, count: int) -> None:
+    """Keeps the ``count`` most recently read spans of a remote file larger than the block
+    cache (0: none); local and block-cached files ignore spans."""
+    self._span_capacity = count
+
+  @property
+  def reads_spans(self) -> bool:
+    """Whether ``read(key, span)`` fetches and keeps spans (a remote file beyond the block
+    cache, with ``cache_spans`` > 0)."""
+    return bool(self._span_capacity) and not self._local and not self._cached
+
+  def span_of(self, keys) -> tuple[int, int] | None:
+    """The byte range [first record's offset, end of the last record) holding records
+    ``keys``, or None when they are scattered in the file (the range would be more than twice
+    their share of it) and are better read one by one."""
+    positions = np.asarray([self._locate(k) for k in keys], dtype=np.int64)
+    offsets = self.offsets[positions]
+    start, last = int(offsets.min()), int(offsets.max())
+    if self._sorted_offsets is None:
+      ascending = bool(np.all(self.offsets[1:] > self.offsets[:-1]))
+      self._sorted_offsets = self.offsets if ascending else np.sort(self.offsets)
+    after = int(np.searchsorted(self._sorted_offsets, last, side="right"))
+    ends = self._sorted_offsets
+    end = int(ends[after]) if after < ends.size else self.file_size
+    if end - start > 2 * len(keys) * self.file_size / max(len(self), 1):
+      return None
+    return start, end
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -271,6 +308,10 @@ class RecordIOReader:
       return os.pread(self._fd, size, offset)
     size = max(0, min(size, self.file_size - offset))
     if not self._cached:
+      with self._lock:
+        for start, (end, data) in self._spans.items():
+          if start <= offset < end:  # what the span holds; a record past its end reads on
+            return data[offset - start:min(offset + size, end) - start]
       return self._fetch(offset, offset + size)
     first, last = offset // self._block_bytes, (offset + size - 1) // self._block_bytes
     parts = [self._block(i) for i in range(first, last + 1)] if size else []
@@ -318,9 +359,31 @@ class RecordIOReader:
     """The byte offset of record ``key``."""
     return int(self.offsets[self._locate(key)])
 
-  def read(self, key: int) -> bytes:
-    """Returns the payload of record ``key`` (its parts joined, magic words restored)."""
+  def read(self, key: int, span: tuple[int, int] | None = None) -> bytes:
+    """Returns the payload of record ``key`` (its parts joined, magic words restored).
+
+    ``span``: a byte range holding the record (``span_of``) to fetch whole and keep, with
+    ``cache_spans``, for the records read next.
+    """
+    if span is not None and self.reads_spans:
+      self._load_span(*span)
     return self._read_at(self.offset(key), key)
+
+  def _load_span(self, start: int, end: int) -> None:
+    if self._pid != os.getpid():
+      self._open_state()
+    # One fetch per span, also when several threads want it at once; reads of the spans
+    # already held go on meanwhile (they take only ``_lock``).
+    with self._fetch_lock:
+      with self._lock:
+        if start in self._spans:
+          self._spans.move_to_end(start)
+          return
+      data = self._fetch(start, end)
+      with self._lock:
+        self._spans[start] = (end, data)
+        while len(self._spans) > self._span_capacity:
+          self._spans.popitem(last=False)
 
   def _read_at(self, offset: int, key) -> bytes:
     def fail(reason, at=offset):
@@ -382,9 +445,11 @@ class RecordIOReader:
     offsets = np.asarray(offsets, dtype=np.int64)
     return np.arange(offsets.size, dtype=np.int64), offsets
 
-  def read_header(self, key: int) -> tuple[IRHeader, bytes]:
-    """Reads record ``key`` and unpacks it; a short payload is a ``DataError``."""
-    payload = self.read(key)
+  def read_header(self, key: int, span: tuple[int, int] | None = None
+                  ) -> tuple[IRHeader, bytes]:
+    """Reads record ``key`` (``span`` as in ``read``) and unpacks it; a short payload is a
+    ``DataError``."""
+    payload = self.read(key, span)
     try:
       return unpack(payload)
     except ValueError as e:

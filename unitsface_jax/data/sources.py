@@ -4,7 +4,10 @@ Every source has ``len(src)``, ``src[i] -> {"image": ..., "label": int}`` and
 ``src.num_classes``; ``image`` is encoded bytes (JPEG, PNG, PGM, ...) or an HWC uint8 array.
 ``src.locate(i)`` says where example ``i`` lives (file, record, byte offset) so that a decoding
 error downstream can name it. All sources pickle into grain's worker processes (a RecordIO
-source carries its index: 8 bytes a record) and open their files again there.
+source carries its index: 8 bytes a record) and open their files again there. A source with
+``read_in_chunks(chunk_records, window)`` is told so by the pipeline's chunk shuffle: a
+RecordIO source in an object store then reads each chunk of consecutive examples in one
+request and keeps the ``2 * window`` most recently used chunks.
 """
 
 from __future__ import annotations
@@ -51,6 +54,27 @@ class RecordIOSource:
       labels = [self._label(i) for i in range(len(self))]
       num_classes = max(labels) + 1 if labels else 0
     self.num_classes = int(num_classes)
+    self._chunk_records = 0
+    self._spans = {}  # chunk -> byte range or None, filled as chunks are first read
+
+  def read_in_chunks(self, chunk_records: int, window: int) -> None:
+    """Reads examples ``[k * chunk_records, (k + 1) * chunk_records)`` as one byte range
+    and keeps ``2 * window`` such chunks (``RecordIOReader.cache_spans``; only a remote file
+    larger than the block cache uses them): the current window's and the next one's, which
+    the threads reading ahead reach while others still finish the current window."""
+    self._chunk_records = chunk_records
+    self._spans = {}
+    self.reader.cache_spans(2 * window)
+
+  def _span(self, index: int):
+    if not self._chunk_records or not self.reader.reads_spans:
+      return None
+    chunk = index // self._chunk_records
+    if chunk not in self._spans:
+      first = chunk * self._chunk_records
+      keys = self.image_keys[first:min(first + self._chunk_records, len(self))]
+      self._spans[chunk] = self.reader.span_of(keys)
+    return self._spans[chunk]
 
   def __len__(self) -> int:
     return len(self.image_keys)
@@ -75,7 +99,7 @@ class RecordIOSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     key = self._key(index)
-    header, image = self.reader.read_header(key)
+    header, image = self.reader.read_header(key, self._span(index))
     label = recordio.class_label(header)
     if not 0 <= label < self.num_classes:
       raise DataError(f"label {label} outside [0, {self.num_classes})",
@@ -222,6 +246,12 @@ class Subset:
 
   def __len__(self) -> int:
     return self.size
+
+  def read_in_chunks(self, chunk_records: int, window: int) -> None:
+    """As the wrapped source's (a prefix keeps its chunk boundaries)."""
+    read_in_chunks = getattr(self.source, "read_in_chunks", None)
+    if read_in_chunks is not None:
+      read_in_chunks(chunk_records, window)
 
   def locate(self, index: int) -> dict[str, Any]:
     return where(self.source, index)
