@@ -38,6 +38,7 @@ def main(argv) -> int:
   config = _CONFIG.value
   try:
     config_checks.validate(config)
+    config_checks.validate_paths(config, _WORKDIR.value)
   except config_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
