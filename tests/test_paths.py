@@ -29,7 +29,8 @@ def blocked_workdir(tmp_path):
      "config.data.path = '/nonexistent/casia': does not exist: set --config.data.path="),
     ({"data.path": ""}, "config.data.path = '': is empty"),
     ({"eval.bins": ("/nonexistent/lfw.bin",), "eval.every_steps": 5},
-     "config.eval.bins[0] = '/nonexistent/lfw.bin': does not exist: set --config.eval.bins='(\"your.bin\",)'"),
+     "config.eval.bins[0] = '/nonexistent/lfw.bin': does not exist: set "
+     "--config.eval.bins='(\"your.bin\",)'"),
 ])
 def test_unusable_paths_name_the_field(tmp_path, override, message):
   config = demo.get_config("smoke")

@@ -47,7 +47,7 @@ def main(argv) -> int:
     return 2
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from unitsface_jax import train  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
   # The backbone exactly as training builds it, shapes only.
   abstract = nnx.eval_shape(lambda: models.from_config(config.model, jax.random.key(0)))
   logging.info("%s", models.summary(config.model.name, abstract))
@@ -55,6 +55,9 @@ def main(argv) -> int:
     train.train_and_evaluate(config, _WORKDIR.value)
   except Exception as e:  # pylint: disable=broad-except
     if not parallel.lost_peer(e):
+      if isinstance(e, checkpoint.UnreadableCheckpointError):  # names the directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
       if not isinstance(e, (train.NonFiniteLossError, ValueError)):
         raise
       logging.exception("training stopped")
