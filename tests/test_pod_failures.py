@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests import command_lines
+from tests.test_launch import launch_local
 from tests.test_train import _env, metrics, ok, run, run_two_processes, steps
 from unitsface_jax import train
 
@@ -100,19 +101,24 @@ def test_no_readable_checkpoint_stops_naming_the_directory(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_lost_peer_stops_the_other_process_and_both_resume(tmp_path, free_port):
   """Process 1 is SIGKILLed after step 5 (its checkpoint 4 on disk): process 0 exits 3 with
-  one line naming the cause, instead of hanging until a heartbeat timeout aborts it."""
+  one line naming the cause, instead of hanging until a heartbeat timeout aborts it. The same
+  run started again by launch/local_multiprocess.sh (two real processes) resumes from 4."""
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
-  flags = [*TINY, "--config.checkpoint_every_steps=4", "--config.compilation_cache=False"]
+  flags = [*TINY, "--config.checkpoint_every_steps=4"]
   kill = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGKILL"]
-  (code0, err0), (code1, _) = run_two_processes(tmp_path, free_port(), *flags, env=env,
+  workdir = tmp_path / "run"
+  (code0, err0), (code1, _) = run_two_processes(workdir, free_port(), *flags, env=env,
                                                 process_flags=((), kill), timeout=300)
   assert code1 == -signal.SIGKILL
   assert code0 == 3, err0[-3000:]
   lines = [l for l in err0.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and lines[0].startswith(
       "error: lost a peer process of this multi-process run ("), err0[-3000:]
-  assert "Traceback" not in err0 and steps(tmp_path) == [4]
-  for code, err in run_two_processes(tmp_path, free_port(), *flags, env=env, timeout=300):
-    assert code == 0, err[-3000:]
-    assert "resumed from step 4" in err
-  assert steps(tmp_path) == [4, 8]
+  assert "Traceback" not in err0 and steps(workdir) == [4]
+  code, err, left = launch_local(tmp_path, workdir, *flags, devices=2, env=env, timeout=300)
+  logs = [(tmp_path / f"unitsface_proc{i}.log").read_text() for i in range(2)]
+  assert code == 0 and not left, (err, [log[-3000:] for log in logs])
+  for log in logs:
+    assert "Connecting to JAX distributed service on 127.0.0.1:" in log
+    assert "resumed from step 4" in log
+  assert steps(workdir) == [4, 8] and max(metrics(workdir)) == 8
