@@ -51,10 +51,12 @@ def test_usable_paths_pass_and_leave_the_workdir_empty(tmp_path):
   config_checks.validate_paths(config, str(tmp_path))
 
 
-def test_a_workdir_that_cannot_be_written_names_it(blocked_workdir):
-  with pytest.raises(config_checks.ConfigError, match=f"--workdir={blocked_workdir}: cannot be "
-                     "written: "):
-    config_checks.validate_paths(demo.get_config("smoke"), blocked_workdir)
+@pytest.mark.parametrize("where", ["below a file", "an existing read-only directory"])
+def test_a_workdir_that_cannot_be_written_names_it(blocked_workdir, where):
+  workdir = blocked_workdir if where == "below a file" else "/proc/self"  # even root cannot
+  with pytest.raises(config_checks.ConfigError,
+                     match=f"--workdir={workdir}: cannot be written: "):
+    config_checks.validate_paths(demo.get_config("smoke"), workdir)
 
 
 def test_main_stops_on_the_placeholder_with_exit_2(tmp_path, capsys):
