@@ -46,9 +46,8 @@ stop_all() {
 trap 'stop_all; exit 143' TERM
 trap 'stop_all; exit 130' INT
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS=$xla_flags JAX_PLATFORMS=$platforms python -m unitsface_jax.main --distributed \
-    --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
-    > "$log_dir/unitsface_proc$i.log" 2>&1 &
+  # exactly the dry run's command; exec, so that $! is the training process itself
+  eval "exec $(command "$i")" > "$log_dir/unitsface_proc$i.log" 2>&1 &
   pids+=($!)
 done
 status=0
