@@ -19,7 +19,7 @@ port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$d"
 platforms=${JAX_PLATFORMS:-cpu}
 command() {  # the command of process $1
-  echo "XLA_FLAGS=$(printf %q "$xla_flags") JAX_PLATFORMS=$platforms python -m" \
+  echo "env XLA_FLAGS=$(printf %q "$xla_flags") JAX_PLATFORMS=$platforms python -m" \
     "unitsface_jax.main --distributed --coordinator_address=127.0.0.1:$port" \
     "--num_processes=$n --process_id=$1$(printf ' %q' "${args[@]}")"
 }

@@ -51,7 +51,7 @@ def test_slurm_dry_run_installs_the_gcs_extra_only_for_gs_paths():
 def test_local_dry_run_names_each_process_and_one_coordinator(tmp_path):
   lines = dry_run("local_multiprocess.sh", "--dry_run", "2", "4", "--config=configs/demo.py",
                   "--workdir=/tmp/mp", LOG_DIR=str(tmp_path), XLA_FLAGS="--xla_dump_to=/x")
-  pattern = (r"  XLA_FLAGS=--xla_dump_to=/x\\ --xla_force_host_platform_device_count=4 "
+  pattern = (r"  env XLA_FLAGS=--xla_dump_to=/x\\ --xla_force_host_platform_device_count=4 "
              r"JAX_PLATFORMS=cpu python -m unitsface_jax.main --distributed "
              r"--coordinator_address=127\.0\.0\.1:(\d+) --num_processes=2 --process_id={} "
              r"--config=configs/demo\.py --workdir=/tmp/mp")

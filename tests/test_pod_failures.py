@@ -13,6 +13,7 @@ from tests import command_lines
 from tests.test_launch import launch_local
 from tests.test_train import _env, metrics, ok, run, run_two_processes, steps
 from unitsface_jax import train
+from unitsface_jax.data import demo as demo_data
 
 # 8 steps of batch 8 (4 an epoch), checkpoints at 4, 6, 8; a trunk of width 4.
 TINY = ["--config.model.width=4", "--config.model.num_features=32",
@@ -94,6 +95,11 @@ def test_no_readable_checkpoint_stops_naming_the_directory(tmp_path, capsys):
   status, err = command_lines.run_main_stderr(
       capsys, "unitsface_jax.export.__main__", f"--workdir={workdir}", "--format=npz",
       f"--out={tmp_path / 'w.npz'}")
+  assert status == 2 and err.splitlines()[-1].startswith(
+      f"error: no readable checkpoint in {ckpts}"), err
+  status, err = command_lines.run_main_stderr(
+      capsys, "unitsface_jax.evaluate", f"--data={demo_data.demo_bin_path()}",
+      f"--workdir={workdir}", f"--out={tmp_path / 'eval'}")
   assert status == 2 and err.splitlines()[-1].startswith(
       f"error: no readable checkpoint in {ckpts}"), err
 
