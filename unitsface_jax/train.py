@@ -269,7 +269,7 @@ class _Preemption:
       return self.requested.is_set()
     if self._stop_at is None:
       client = parallel.coordination_client()
-      value = parallel.key_value_try_get(client, _STOP_KEY)
+      value = None
       if value is None and self.requested.is_set():
         value = parallel.key_value_set_once(client, _STOP_KEY,
                                             str(step + MAX_STEPS_IN_FLIGHT))
