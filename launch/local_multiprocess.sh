@@ -15,7 +15,8 @@ dry=${DRY_RUN:-0}
 if [[ ${1:-} == --dry_run ]]; then dry=1; shift; fi
 n=${1:?number of processes}; d=${2:?devices per process}; shift 2
 log_dir=${LOG_DIR:-/tmp}
-port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$d"
 platforms=${JAX_PLATFORMS:-cpu}
 command() {  # the command of process $1
@@ -58,7 +59,8 @@ for ((i = 0; i < n; i++)); do
   set -e
   if ((code != 0 && status == 0)); then
     status=$code
-    echo "a process exited with status $code: stopping the others (logs: $log_dir/unitsface_proc*.log)" >&2
+    echo "a process exited with status $code: stopping the others" \
+      "(logs: $log_dir/unitsface_proc*.log)" >&2
     stop_all
   fi
 done

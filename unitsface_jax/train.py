@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -239,6 +238,7 @@ class StepQueue:
     while len(self.pending) >= self.limit:
       jax.block_until_ready(self.pending.popleft())
 
+
 # The coordination service's key under which the processes agree on the step to stop at.
 _STOP_KEY = "unitsface_jax/preemption_stop_step"
 
@@ -269,7 +269,7 @@ class _Preemption:
       return self.requested.is_set()
     if self._stop_at is None:
       client = parallel.coordination_client()
-      value = None
+      value = parallel.key_value_try_get(client, _STOP_KEY)
       if value is None and self.requested.is_set():
         value = parallel.key_value_set_once(client, _STOP_KEY,
                                             str(step + MAX_STEPS_IN_FLIGHT))
