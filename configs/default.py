@@ -164,7 +164,7 @@ def get_config(arg=None):
   # Drills, for tests and for rehearsing a cluster's preemption: after step N (> 0; 0 is off)
   # each process sends itself ``signal`` once, when its pending checkpoint saves are on disk.
   # SIGTERM takes the preemption path (save at the next step boundary, with several
-  # processes the next log step, and exit 0); SIGKILL is a crash that saves nothing; SIGSTOP
+  # processes two steps later, and exit 0); SIGKILL is a crash that saves nothing; SIGSTOP
   # pauses the run until a SIGCONT (a test changes the world in between: stops the storage).
   config.debug = ml_collections.ConfigDict()
   config.debug.signal_after_step = 0

@@ -246,17 +246,17 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_po
   ok(run(4, one, *flags, f"--coordinator_address=127.0.0.1:{free_port()}",
          "--num_processes=1", "--process_id=0", env=env))
   two = tmp_path / "two"
-  # SIGTERM reaches process 1 only, after step 5 (neither a log nor a checkpoint step): the
-  # processes agree at the next log step, 6, where both save and exit 0.
+  # SIGTERM reaches process 1 only, after step 5 (neither a log nor a checkpoint step): it
+  # proposes step 5 + train.MAX_STEPS_IN_FLIGHT = 7, where both save and exit 0.
   first = run_two_processes(two, free_port(), *flags, env=env,
                             process_flags=((), ["--config.debug.signal_after_step=5"]))
   for returncode, stderr in first:
     assert returncode == 0, stderr[-4000:]
-    assert "preemption requested: saving step 6 and stopping" in stderr, stderr[-4000:]
-  assert steps(two) == [4, 6]
+    assert "preemption requested: saving step 7 and stopping" in stderr, stderr[-4000:]
+  assert steps(two) == [4, 7]
   for returncode, stderr in run_two_processes(two, free_port(), *flags, env=env):
     assert returncode == 0, stderr[-4000:]
-    assert "resumed from step 6" in stderr, stderr[-4000:]
+    assert "resumed from step 7" in stderr, stderr[-4000:]
   a, b = metrics(one), metrics(two)
   assert sorted(a) == sorted(b) == [2, 4, 6, 8]
   assert [b[s]["data_fingerprint"] for s in a] == [a[s]["data_fingerprint"] for s in a]

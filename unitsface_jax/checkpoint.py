@@ -11,11 +11,18 @@ Items per step:
   data    the grain iterator state (one file per process), so a resumed run sees the same
           batches it would have seen;
   config  the run's config as JSON, for the export CLI and for humans.
+
+A checkpoint that cannot be read (a truncated array file, a missing item) is skipped with one
+warning: training resumes from the newest readable one and moves the unreadable newer ones to
+``checkpoints/<step>.unreadable`` (kept for inspection, out of the way of the run's next
+saves); the readers of a run (``backbone_from_workdir``) skip them and move nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as py_logging
 import os
 from typing import Any
 
@@ -23,9 +30,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from unitsface_jax import models
 from unitsface_jax.parallel import DEVICE_AXIS
@@ -53,6 +63,37 @@ class CheckpointWriteError(OSError):
 def first_line(error: BaseException) -> str:
   text = str(error).strip()
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint that belongs to another model or config."""
+
+
+class UnreadableCheckpointError(ValueError):
+  """No checkpoint of a run can be read."""
+
+
+@contextlib.contextmanager
+def _orbax_silenced():
+  """orbax logs a failed read at length (tracebacks per array); the caller reports it in one
+  line instead."""
+  logger = py_logging.getLogger("absl")
+  def drop(record):
+    return "/orbax/" not in record.pathname
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause of ``error`` in one line (orbax wraps TensorStore's message, e.g.
+  ``OUT_OF_RANGE: Error reading "<array>" ...``, in a long dump of the store's spec)."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}"
 
 
 class Checkpoints:
@@ -90,6 +131,25 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Renames checkpoint ``step`` to ``<step>.unreadable`` (process 0; every process waits
+    for it), so the manager no longer sees it; returns the new path."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.unreadable"
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{step}.unreadable.{n}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"unitsface_jax set aside checkpoint {step}")
+    self._manager.reload()
+    return target
 
   def save(self, step: int, state: Any, *, data_iterator=None,
            config: ml_collections.ConfigDict | None = None, force: bool = False) -> bool:
@@ -207,18 +267,19 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
     name = jax.tree_util.keystr(path)
     shape = saved.get(path_names(path))
     if shape is None:
-      raise ValueError(f"checkpoint {step} in {ckpt.directory} has no array {name}: it was "
-                       "written by another model/config")
+      raise CheckpointMismatchError(f"checkpoint {step} in {ckpt.directory} has no array "
+                                    f"{name}: it was written by another model/config")
     if shape != t.shape:
       if not _row_split(t.sharding) or shape[1:] != t.shape[1:]:
-        raise ValueError(f"checkpoint {step} in {ckpt.directory}: {name} has shape {shape}, "
-                         f"this run expects {t.shape}")
+        raise CheckpointMismatchError(f"checkpoint {step} in {ckpt.directory}: {name} has "
+                                      f"shape {shape}, this run expects {t.shape}")
       t = jax.ShapeDtypeStruct(shape, t.dtype, sharding=replicated)
     read[path_names(path)] = t
   extra = sorted(set(saved) - set(read))
   if extra:
-    raise ValueError(f"checkpoint {step} in {ckpt.directory} has an array {'/'.join(extra[0])} "
-                     "this run does not: it was written by another model/config")
+    raise CheckpointMismatchError(
+        f"checkpoint {step} in {ckpt.directory} has an array {'/'.join(extra[0])} this run does "
+        "not: it was written by another model/config")
   # Read in the saved structure (which may differ from this run's in empty containers),
   # then put each array at its place in this run's.
   on_disk = jax.tree_util.tree_map_with_path(lambda p, _: read[path_names(p)],
@@ -238,16 +299,69 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
   return jax.tree.map(fit, restored, target)
 
 
+def _agreed(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (all processes call this together)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_latest(ckpt: Checkpoints, state: Any, mesh: jax.sharding.Mesh, *,
+                   data_iterator=None) -> tuple[int | None, Any]:
+  """(step, state) of the newest checkpoint every process can read (``restore_state``), or
+  (None, ``state``) when there is none.
+
+  An unreadable checkpoint is reported in one warning line and skipped; once an older one has
+  been restored, the unreadable newer ones are moved to ``<step>.unreadable`` (the run saves
+  those step numbers again). If none can be read, nothing is moved and
+  ``UnreadableCheckpointError`` names the directory. A checkpoint of another model or config
+  is not skipped: ``CheckpointMismatchError``.
+  """
+  unreadable = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      with _orbax_silenced():
+        restored, reason = restore_state(ckpt, step, state, mesh, data_iterator=data_iterator), ""
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      restored, reason = None, _reason(e)
+    if _agreed(restored is not None):
+      for bad in unreadable:
+        logging.warning("checkpoint %d moved to %s", bad, ckpt.set_aside(bad))
+      return step, restored
+    logging.warning("checkpoint %d in %s is unreadable (%s); trying an older one", step,
+                    ckpt.directory, reason or "on another process")
+    unreadable.append(step)
+  if unreadable:
+    raise UnreadableCheckpointError(
+        f"no readable checkpoint in {ckpt.directory} (steps {unreadable} cannot be read; see "
+        "the warnings above): repair or remove them, or use another --workdir")
+  return None, state
+
+
 def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Module]:
-  """(model name, backbone in eval mode) from a run's checkpoint (default: the latest)."""
+  """(model name, backbone in eval mode) from a run's checkpoint (default: the newest
+  readable one; an unreadable one is skipped with a warning)."""
   ckpt = Checkpoints(workdir, every_steps=1, keep=1, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(ckpt.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    model = models.from_config(config.model, jax.random.key(0))
-    saved = ckpt.restore_arrays(step)
+    for candidate in steps:
+      try:
+        with _orbax_silenced():
+          config = ml_collections.ConfigDict(ckpt.restore_config(candidate))
+          model = models.from_config(config.model, jax.random.key(0))
+          saved = ckpt.restore_arrays(candidate)
+        step = candidate
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint %d in %s is unreadable (%s)", candidate, ckpt.directory,
+                        _reason(e))
+    else:
+      raise UnreadableCheckpointError(
+          f"no readable checkpoint in {ckpt.directory} (steps {steps} cannot be read)")
   finally:
     ckpt.close()
   flat = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}

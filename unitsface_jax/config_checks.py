@@ -2,14 +2,18 @@
 
 Unknown and ill-typed ``--config.x.y=value`` overrides are refused by ml_collections'
 config_flags (which names the field); this module checks the values that are well-typed but
-meaningless (a negative batch, an unknown model, a margin outside its range).
+meaningless (a negative batch, an unknown model, a margin outside its range);
+``validate_paths`` checks that the paths a run reads exist and that its workdir can be written.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import ml_collections
+from etils import epath
 
 from unitsface_jax import head
 from unitsface_jax import models
@@ -149,3 +153,52 @@ def _validate_s2c_options(c: ml_collections.ConfigDict) -> None:
              loss.magface_u_m, f"must be in [loss.magface_l_m = {loss.magface_l_m}, π/2)")
     _require(loss.magface_lambda_g >= 0, "loss.magface_lambda_g", loss.magface_lambda_g,
              "must be >= 0")
+
+
+# What the recipes write where a user must put their own location (gs://YOUR_BUCKET/...).
+PLACEHOLDER_MARKS = ("YOUR_",)
+
+
+def _placeholder(path: str) -> bool:
+  return any(mark in path for mark in PLACEHOLDER_MARKS)
+
+
+def _exists(field: str, path: str, hint: str) -> None:
+  """Raises ConfigError unless ``path`` (local or gs://, through etils.epath) exists; ``hint``
+  says what to set instead."""
+  _require(not _placeholder(path), field, path, f"is a placeholder: set {hint}")
+  try:
+    found = epath.Path(path).exists()
+  except Exception as e:  # pylint: disable=broad-except
+    # e.g. a gs:// path without a GCS filesystem installed, or credentials refused
+    raise ConfigError(f"config.{field} = {path!r}: cannot be checked: "
+                      f"{type(e).__name__}: {e}") from e
+  _require(found, field, path, f"does not exist: set {hint}")
+
+
+def validate_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ConfigError naming the first path the run cannot use, before anything is built.
+
+  The training data (``data.path``, unless the source is synthetic) and the verification sets
+  (``eval.bins``, when evaluation is on) must exist and not be a recipe's placeholder; the
+  workdir must be creatable and writable (checked by writing and removing a file in it).
+  Works on local and gs:// paths alike (etils.epath).
+  """
+  if config.data.source != "synthetic":
+    _require(bool(config.data.path), "data.path", config.data.path,
+             "is empty: set --config.data.path=DIR (or --config.data.source=synthetic)")
+    _exists("data.path", config.data.path, "--config.data.path=your copy of the data set "
+            "(or --config.data.source=synthetic)")
+  if config.eval.every_steps > 0:
+    for i, path in enumerate(config.eval.bins):
+      _exists(f"eval.bins[{i}]", path, "--config.eval.bins='(\"your.bin\",)' "
+              "(or --config.eval.every_steps=0)")
+  if _placeholder(workdir):
+    raise ConfigError(f"--workdir={workdir}: is a placeholder: set it to a directory of yours")
+  probe = epath.Path(workdir) / f".write_check.{socket.gethostname()}.{os.getpid()}"
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"--workdir={workdir}: cannot be written: {type(e).__name__}: {e}") from e

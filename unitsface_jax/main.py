@@ -9,6 +9,7 @@ coordinator is found automatically); elsewhere also ``--coordinator_address=HOST
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -27,6 +28,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_TUNING = cpu_tuning.define_flag()
 flags.mark_flags_as_required(["config", "workdir"])
+# Exit status when another process of the run was lost.
+_PEER_LOST_STATUS = 3
 
 
 def main(argv) -> int:
@@ -39,6 +42,7 @@ def main(argv) -> int:
   try:
     config_checks.validate(config)
     storage.require_gcs_all({**storage.config_paths(config), "--workdir": _WORKDIR.value})
+    config_checks.validate_paths(config, _WORKDIR.value)
   except (config_checks.ConfigError, storage.MissingExtraError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -53,10 +57,25 @@ def main(argv) -> int:
   except finetune.InitError as e:  # a user's file that does not fit: before step 0
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except (train.NonFiniteLossError, ValueError, checkpoint.CheckpointWriteError) as e:
-    logging.exception("training stopped")
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except Exception as e:  # pylint: disable=broad-except
+    if not parallel.lost_peer(e):
+      if isinstance(e, checkpoint.UnreadableCheckpointError):  # names the directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+      if not isinstance(e, (train.NonFiniteLossError, ValueError,
+                            checkpoint.CheckpointWriteError)):
+        raise
+      logging.exception("training stopped")
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    # The run cannot go on without that process, and the normal exit would wait for it in
+    # jax.distributed's shutdown barrier until the missed heartbeats abort this process.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: lost a peer process of this multi-process run ({first[:200]}); stopping. "
+          "Restart every process with the same command to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(_PEER_LOST_STATUS)  # pylint: disable=protected-access
   return 0
 
 

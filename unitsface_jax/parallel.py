@@ -6,6 +6,7 @@ are split on it by rows (classes), as PartialFC does (docs/design.md, "The head"
 """
 
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -77,6 +78,46 @@ def initialize_distributed(coordinator_address: str | None = None,
     return
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+
+
+def coordination_client():
+  """jax.distributed's client of the coordination service (its key-value store), or None
+  when jax.distributed is not running. (JAX exposes it only as ``jax._src`` state.)"""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+def key_value_try_get(client, key: str) -> str | None:
+  """The value of ``key`` in the coordination service's store, or None if it is not set."""
+  try:
+    return client.key_value_try_get(key)
+  except jax.errors.JaxRuntimeError as e:
+    if "NOT_FOUND" in str(e):
+      return None
+    raise
+
+
+def key_value_set_once(client, key: str, value: str) -> str:
+  """Sets ``key`` to ``value`` unless another process set it first; returns the value kept."""
+  try:
+    client.key_value_set(key, value, allow_overwrite=False)
+    return value
+  except jax.errors.JaxRuntimeError as e:
+    if "ALREADY_EXISTS" not in str(e):
+      raise
+    return client.blocking_key_value_get(key, 60_000)
+
+
+# How a collective reports that a process it spans has gone: gloo (CPU) and NCCL (GPU) errors,
+# a closed connection, the coordination service's missed heartbeats.
+_PEER_LOST = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|heartbeat|"
+                        r"socket closed|unavailable", re.IGNORECASE)
+
+
+def lost_peer(error: BaseException) -> bool:
+  """Whether ``error``, raised by a computation of a multi-process run, says that another
+  process of the run stopped (its host died, it was killed) rather than a fault of this one."""
+  return jax.process_count() > 1 and bool(_PEER_LOST.search(str(error)))
 
 
 # Smallest message, per pair of devices, of the warm-up reduce-scatter below. Anything of a few

@@ -18,6 +18,7 @@ Decisions (docs/design.md, "Decisions"):
 
 from __future__ import annotations
 
+import collections
 import logging as py_logging
 import signal
 import threading
@@ -27,10 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from etils import epath
 from flax import nnx
 
@@ -258,25 +257,69 @@ def _set_bn_groups(model: nnx.Module, groups: int) -> None:
       module.num_groups = groups
 
 
+# How many steps the host may dispatch before the device has finished them: the loop waits
+# for step N-1 once it has dispatched step N, so the device always has the next step queued
+# while the host reads the following batch, and a save or a stop waits for at most two steps.
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class StepQueue:
+  """Bounds JAX's asynchronous dispatch: ``push`` takes an output of the step just dispatched
+  and returns once fewer than ``MAX_STEPS_IN_FLIGHT`` pushed steps may still be running.
+
+  Without it the host runs as far ahead of the device as nothing forces a sync (~30 steps of
+  an iresnet100 on a CPU between two log steps), each queued step holding its batch, and a
+  preemption save waits for all of them.
+  """
+
+  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+    self.limit = limit
+    self.pending = collections.deque()
+
+  def push(self, output: jax.Array) -> None:
+    self.pending.append(output)
+    while len(self.pending) >= self.limit:
+      jax.block_until_ready(self.pending.popleft())
+
+
+# The coordination service's key under which the processes agree on the step to stop at.
+_STOP_KEY = "unitsface_jax/preemption_stop_step"
+
+
 class _Preemption:
-  """SIGTERM (TPU preemption, SLURM time limit) -> save at the next step boundary, exit 0."""
+  """SIGTERM (TPU preemption, SLURM time limit) -> save at a step boundary, exit 0.
+
+  One process stops at the step where it sees the signal. Several processes must stop at the
+  same step (the save is collective): the first to see a signal at step d proposes d +
+  MAX_STEPS_IN_FLIGHT in jax.distributed's key-value store (first writer wins), and every
+  process reads the key at each step (one small RPC to the coordinator, no device sync).
+  Why every process is still at or before that step when it reads it: a process checks at
+  step n only after step n-1 finished on its devices, which needs every process to have
+  dispatched step n-1 (the step's collectives span all of them); so a process at step d+2
+  checks after the proposer dispatched d+1, hence after it wrote the key at d.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
     self._previous = None
+    self._stop_at = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
 
-  def reached(self, step: int, sync_now: bool) -> bool:
-    """Whether to stop after ``step``. With several processes all must stop at the same step
-    (the save is collective), so they agree by an all-gather at ``sync_now`` steps only (the
-    log steps), keeping host round trips out of the other steps."""
+  def reached(self, step: int) -> bool:
+    """Whether to stop after ``step``; called after every step, once step - 1 has finished."""
     if jax.process_count() == 1:
       return self.requested.is_set()
-    if not sync_now:
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self.requested.is_set()))
-    return bool(np.any(flags))
+    if self._stop_at is None:
+      client = parallel.coordination_client()
+      value = parallel.key_value_try_get(client, _STOP_KEY)
+      if value is None and self.requested.is_set():
+        value = parallel.key_value_set_once(client, _STOP_KEY,
+                                            str(step + MAX_STEPS_IN_FLIGHT))
+      if value is not None:
+        self._stop_at = int(value)
+        logging.info("preemption: every process stops after step %d", self._stop_at)
+    return self._stop_at is not None and step >= self._stop_at
 
   def restore(self):
     if self._previous is not None:
@@ -350,9 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   # ---------------------------------------------------------------- checkpoint restore
   ckpt = checkpoint_lib.Checkpoints(workdir, every_steps=config.checkpoint_every_steps,
                                     keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
+  latest, state = checkpoint_lib.restore_latest(ckpt, state, mesh, data_iterator=data)
   if latest is not None:
-    state = checkpoint_lib.restore_state(ckpt, latest, state, mesh, data_iterator=data)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
   elif config.init.backbone:
     # Fine-tuning: the backbone's weights and BatchNorm statistics before step 0 (a resumed
@@ -378,6 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     logging.info("step 0 (initial weights) %s", at_start)
     writer.write(0, at_start)
   t0, t_steps = None, 0
+  in_flight = StepQueue()
   try:
     for step in range(start_step, total_steps):
       batch = next(data)
@@ -385,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           (batch["image"], batch["label"], batch["flip"]), mesh)
       step_fn = head_step if step < head_only_steps else train_step
       state, metrics = step_fn(state, images, labels, flips)
+      in_flight.push(metrics["loss"])
       if t0 is None:  # throughput and ETA from the end of the first (compiling) step
         jax.block_until_ready(metrics["loss"])
         t0 = time.time()
@@ -420,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
         # raise_signal runs the Python handler (``_Preemption``'s) before it returns.
         ckpt.wait()
         signal.raise_signal(getattr(signal, config.debug.signal))
-      if preemption.reached(done, sync_now=log_now):
+      if preemption.reached(done):
         logging.warning("preemption requested: saving step %d and stopping", done)
         _check_finite(state, done)
         ckpt.save(done, state, data_iterator=data, config=config, force=True)
