@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from configs import demo
-from tests import command_lines
+import command_lines
 from unitsface_jax import config_checks
 
-from tests.test_configs import ROOT
+from test_configs import ROOT
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging as py_logging
 import os
+import sys
 from typing import Any
 
 import grain
@@ -85,6 +86,34 @@ def _orbax_silenced():
     yield
   finally:
     logger.removeFilter(drop)
+
+
+def _abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception is the echo of a failed restore: orbax reads a checkpoint
+  with one coroutine per array on an event loop that ``asyncio.run`` closes when the first
+  read fails, so the reads still in flight raise later (in an orbax coroutine, or "Event loop
+  is closed" from their done-callbacks), each printed with its TensorStore spec: hundreds of
+  lines per unreadable checkpoint, after its one-line report."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "/orbax/" in code.co_filename:
+    return True
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def quiet_abandoned_reads() -> None:
+  """Drops those echoes from ``sys.unraisablehook`` (every other unraisable exception is
+  reported as before). For the command-line entry points; not called on import."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_unitsface_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not _abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._unitsface_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _reason(error: BaseException) -> str:
@@ -345,9 +374,14 @@ def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Mo
   readable one; an unreadable one is skipped with a warning)."""
   ckpt = Checkpoints(workdir, every_steps=1, keep=1, read_only=True)
   try:
-    steps = sorted(ckpt.all_steps(), reverse=True) if step is None else [step]
+    steps = sorted(ckpt.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint {ckpt.directory / str(step)} (the run has "
+                                f"steps {sorted(steps)})")
+      steps = [step]
     for candidate in steps:
       try:
         with _orbax_silenced():

@@ -187,6 +187,8 @@ def main(argv) -> int:
   # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
   if FLAGS.cpu_tuning:
     cpu_tuning.enable()
+  from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_abandoned_reads()  # an unreadable checkpoint is reported in one line
   if not FLAGS.data:
     raise app.UsageError("--data is required")
   try:

@@ -49,6 +49,7 @@ def main(argv) -> int:
   if _DISTRIBUTED.value or _COORDINATOR.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from unitsface_jax import checkpoint, finetune, train  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_abandoned_reads()  # an unreadable checkpoint is reported in one line
   # The backbone exactly as training builds it, shapes only.
   abstract = nnx.eval_shape(lambda: models.from_config(config.model, jax.random.key(0)))
   logging.info("%s", models.summary(config.model.name, abstract))

@@ -37,6 +37,8 @@ def main(argv) -> int:
   # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
   if _CPU_TUNING.value:
     cpu_tuning.enable()
+  from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_abandoned_reads()  # an unreadable checkpoint is reported in one line
   try:
     storage.require_gcs_all({"--params": _PARAMS.value, "--workdir": _WORKDIR.value,
                              "--out": _OUT.value})
