@@ -65,6 +65,21 @@ def test_loss_variant_trains_the_smoke_run_to_completion(variant, tmp_path):
     assert float(buffers["s2c_stats"][key]) != float(value), key
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", default.LOSS_VARIANTS)
+def test_loss_variant_trains_alone_with_the_other_partial_fc_setting(variant, tmp_path):
+  """Each loss without a sample-to-sample term (``loss.s2s = none``), with PartialFC where
+  the run above has none and without it where the run above has it: the objective is the
+  sample-to-class term alone."""
+  rate = 1.0 if SETTINGS[variant].get("loss.sample_rate", 1.0) < 1.0 else 0.5
+  config = _config(variant, **{"loss.s2s": "none", "loss.sample_rate": rate,
+                               "num_epochs": 1})
+  last = train.train_and_evaluate(config, tmp_path)
+  assert np.isfinite(last["loss"]) and np.isfinite(last["grad_norm"])
+  assert last["s2s"] == 0.0
+  assert last["loss"] == pytest.approx(config.loss.w_s2c * last["s2c"], rel=1e-5)
+
+
 def test_every_loss_variant_of_the_recipes_is_valid():
   from unitsface_jax import config_checks
   for variant in default.LOSS_VARIANTS:
