@@ -51,7 +51,10 @@ def run_main(module_name: str, *args: str):
     argv = FLAGS([module_name, "--nocpu_tuning", *args])
     return sys.modules[module_name].main(argv)
   finally:
+    # Back to the defaults, parsed: code that runs later in this process reads absl flags
+    # (grain's worker processes do) and fails on unparsed ones.
     FLAGS.unparse_flags()
+    FLAGS.mark_as_parsed()
 
 
 def run_main_stderr(capsys, module_name: str, *args: str):

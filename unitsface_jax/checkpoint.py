@@ -88,6 +88,15 @@ def _orbax_silenced():
     logger.removeFilter(drop)
 
 
+def _raised_in_orbax(error: BaseException | None) -> bool:
+  tb = getattr(error, "__traceback__", None)
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def _abandoned_read(unraisable) -> bool:
   """Whether an unraisable exception is the echo of a failed restore: orbax reads a checkpoint
   with one coroutine per array on an event loop that ``asyncio.run`` closes when the first
@@ -97,13 +106,21 @@ def _abandoned_read(unraisable) -> bool:
   code = getattr(unraisable.object, "cr_code", None)
   if code is not None and "/orbax/" in code.co_filename:
     return True
+  if _raised_in_orbax(unraisable.exc_value):
+    return True
   return (isinstance(unraisable.exc_value, RuntimeError)
           and str(unraisable.exc_value) == "Event loop is closed")
 
 
+def _not_an_abandoned_read(record: py_logging.LogRecord) -> bool:
+  """asyncio's logger reports the same reads as "Task exception was never retrieved"."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not _raised_in_orbax(error)
+
+
 def quiet_abandoned_reads() -> None:
-  """Drops those echoes from ``sys.unraisablehook`` (every other unraisable exception is
-  reported as before). For the command-line entry points; not called on import."""
+  """Drops those echoes from ``sys.unraisablehook`` and from asyncio's logger (every other
+  report passes as before). For the command-line entry points; not called on import."""
   previous = sys.unraisablehook
   if getattr(previous, "_unitsface_quiet", False):
     return
@@ -114,6 +131,7 @@ def quiet_abandoned_reads() -> None:
 
   hook._unitsface_quiet = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(_not_an_abandoned_read)
 
 
 def _reason(error: BaseException) -> str:
