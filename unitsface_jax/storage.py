@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from etils import epath
 
 GCS_INSTALL = "pip install 'unitsface_jax[gcs]'"
 
@@ -63,12 +62,6 @@ def require_gcs_all(fields: Mapping[str, Any]) -> None:
     for i, path in enumerate(values):
       if path:
         require_gcs(path, field if len(values) == 1 else f"{field}[{i}]")
-
-
-def exists(path, field: str) -> bool:
-  """Whether ``path`` (local or ``gs://``) exists; a ``gs://`` path needs the extra."""
-  require_gcs(path, field)
-  return epath.Path(path).exists()
 
 
 def config_paths(config) -> dict[str, Iterable[str] | str | None]:
