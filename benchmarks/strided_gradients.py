@@ -36,6 +36,7 @@ _ROUNDS = flags.FLAGS["rounds"]
 def _build(rewrite: bool):
   """(run one step, FLOPs of the step) with the rewrite on or off."""
   import jax  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import train  # pylint: disable=g-import-not-at-top
   with cpu_tuning.strided_conv_gradients(rewrite):
     assert cpu_tuning.strided_conv_gradients_active() == rewrite
     compiled, state, images, labels, cost = train_step.compile_step(
@@ -43,7 +44,7 @@ def _build(rewrite: bool):
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], images, labels)
+    holder["state"], metrics = compiled(holder["state"], train.Batch(images, labels))
     jax.block_until_ready(metrics["loss"])
 
   run()  # the first execution allocates

@@ -92,14 +92,14 @@ def compile_step(config):
   tx = optim.sgd(config, steps_per_epoch)
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
   # Start in epoch 1 so CosFace + USS are both active, as in most of a run.
-  state["step"] = jax.device_put(np.int32(steps_per_epoch), state["step"].sharding)
+  state = state._replace(step=jax.device_put(np.int32(steps_per_epoch), state.step.sharding))
   step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
   rng = np.random.default_rng(0)
   # uint8, as the input pipeline ships it (the step normalises on the device).
   images = rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)
   labels = rng.integers(0, config.data.num_classes, config.batch_size).astype(np.int32)
   images, labels = parallel.global_batch((images, labels), mesh)
-  compiled = step_fn.lower(state, images, labels).compile()
+  compiled = step_fn.lower(state, train.Batch(images, labels)).compile()
   cost = compiled.cost_analysis()
   return compiled, state, images, labels, cost[0] if isinstance(cost, list) else cost
 
@@ -107,7 +107,7 @@ def compile_step(config):
 def build_jax():
   """(run_once, info, matmul_rate) for the project's train step."""
   import jax
-  from unitsface_jax import models
+  from unitsface_jax import models, train
   from flax import nnx
 
   config = config_from_flags()
@@ -121,7 +121,7 @@ def build_jax():
     with jax.transfer_guard("disallow"):
       for _ in range(_STEPS.value):
         # The AOT-compiled step (calling step_fn would compile it a second time).
-        holder["state"], metrics = compiled(holder["state"], images, labels)
+        holder["state"], metrics = compiled(holder["state"], train.Batch(images, labels))
       jax.block_until_ready(metrics["loss"])
 
   run_once()  # warm up (first execution allocates)

@@ -64,6 +64,9 @@ def get_config(arg=None):
   config.model.num_features = 512
   config.model.width = 64  # channels of the first stage (x1, 2, 4, 8); 64 in every paper
   config.model.bn_stats = "global"  # global (sync over the global batch) | per_device
+  # Rematerialise each residual block in the backward pass (IR-ResNets): a block's
+  # activations live only while it runs, for one more forward pass of FLOPs (plan.py's lever).
+  config.model.remat = False
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "recordio"  # recordio | tfds | folder | synthetic | auto

@@ -122,8 +122,8 @@ def accumulated():
       config, mesh, optim.sgd(config, STEPS_PER_EPOCH), jax.random.key(0))
   initial = jax.device_get(state)  # the train step donates its state
   grad_fn = _reference_gradient_fn(config, mesh, graphdef, rng_state)
-  tree = jax.tree.structure(initial["params"])
-  model_state, buffers = initial["model_state"], initial["head_buffers"]
+  tree = jax.tree.structure(initial.params)
+  model_state, buffers = initial.model_state, initial.head_buffers
 
   def mean_gradient(params, u):
     nonlocal model_state, buffers
@@ -134,7 +134,7 @@ def accumulated():
       gradients.append(_flat(g))
     return {n: np.mean([g[n] for g in gradients], 0) for n in gradients[0]}
 
-  means = [mean_gradient(_flat(initial["params"]), 0)]
+  means = [mean_gradient(_flat(initial.params), 0)]
   # Above the first mean gradient's norm and below K times it: that update is not clipped,
   # and one on the sum of the K gradients would be.
   norm = np.sqrt(sum(np.sum(g ** 2) for g in means[0].values()))
@@ -143,7 +143,7 @@ def accumulated():
                                optim.sgd(config, STEPS_PER_EPOCH), STEPS_PER_EPOCH)
   states, metrics = [], []
   for images, labels in batches:
-    state, m = step(state, images, labels)
+    state, m = step(state, train.Batch(images, labels))
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
 
@@ -152,7 +152,7 @@ def accumulated():
   reference = {"before": [], "after": [], "lr": [], "model_state": [], "memory": []}
   momentum = None
   for u in range(UPDATES):
-    before = _flat(initial["params"] if u == 0 else states[u * K - 1]["params"])
+    before = _flat(initial.params if u == 0 else states[u * K - 1].params)
     if u:
       means.append(mean_gradient(before, u))
     lr = LR * (DECAY if u * K >= STEPS_PER_EPOCH else 1.0)
@@ -170,7 +170,7 @@ def test_parameters_change_only_on_every_kth_micro_batch(accumulated):
   states = accumulated["states"]
   before = accumulated["reference"]["before"][0]
   for s, state in enumerate(states):
-    params = _flat(state["params"])
+    params = _flat(state.params)
     if (s + 1) % K:  # inside an accumulation: exactly as after the last update
       for name, value in params.items():
         np.testing.assert_array_equal(value, before[name], err_msg=f"micro-batch {s}: {name}")
@@ -185,7 +185,7 @@ def test_each_update_is_one_sgd_step_on_the_mean_gradient_of_its_micro_batches(a
   reference = accumulated["reference"]
   for u in range(UPDATES):
     start = reference["before"][u]
-    got = {n: v - start[n] for n, v in _flat(accumulated["states"][(u + 1) * K - 1]["params"]).items()}
+    got = {n: v - start[n] for n, v in _flat(accumulated["states"][(u + 1) * K - 1].params).items()}
     want = {n: v - start[n] for n, v in reference["after"][u].items()}
     # Rounding scales with the gradient as a whole, not with each array: the changes of
     # arrays whose gradient is zero in exact arithmetic (the bias of a BatchNorm that another
@@ -207,9 +207,9 @@ def test_batchnorm_statistics_and_memory_bank_follow_every_micro_batch(accumulat
   for u in range(UPDATES):
     state = accumulated["states"][(u + 1) * K - 1]
     # Running means of normalised activations are zero in exact arithmetic: ~1e-8 noise.
-    _assert_close(_flat(state["model_state"]), reference["model_state"][u], f"update {u}",
+    _assert_close(_flat(state.model_state), reference["model_state"][u], f"update {u}",
                   atol=1e-6)
-    _assert_close({"memory": np.asarray(state["head_buffers"].memory, np.float64)},
+    _assert_close({"memory": np.asarray(state.head_buffers.memory, np.float64)},
                   reference["memory"][u], f"update {u}", atol=1e-6)
 
 

@@ -124,7 +124,7 @@ def _head_only_setup(exported, name):
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
   backbone, model_state = finetune.backbone_arrays(config.init.backbone, config.model,
                                                    jax.random.key(0))
-  state["params"]["backbone"], state["model_state"] = backbone, model_state
+  state = state._replace(params={**state.params, "backbone": backbone}, model_state=model_state)
   source = sources.RecordIOSource(demo_data.demo_path())
   images = np.stack([pixels.decode_image(source[i]["image"]) for i in range(8)])
   labels = np.array([source[i]["label"] for i in range(8)], np.int32)
@@ -146,24 +146,24 @@ def test_head_only_steps_train_the_head_alone(exported):
   the backbone."""
   state, images, labels, steps = _head_only_setup(exported, "adamw")
   before = _flat(state)
-  full_convs = steps[False].lower(state, images, labels).as_text().count("convolution")
-  head_convs = steps[True].lower(state, images, labels).as_text().count("convolution")
+  full_convs = steps[False].lower(state, train.Batch(images, labels)).as_text().count("convolution")
+  head_convs = steps[True].lower(state, train.Batch(images, labels)).as_text().count("convolution")
   # IResNet-18: 21 convolutions forward; their backward adds the input and kernel gradients.
   assert head_convs == 21 and full_convs > 2.5 * head_convs, (head_convs, full_convs)
   for _ in range(2):
-    state, metrics = steps[True](state, images, labels)
+    state, metrics = steps[True](state, train.Batch(images, labels))
   after = _flat(state)
   for key in before:
     if "backbone" in key or "model_state" in key:
       assert after[key].tobytes() == before[key].tobytes(), key
-  assert not np.array_equal(after["['params']['head'].w"], before["['params']['head'].w"])
+  assert not np.array_equal(after[".params['head'].w"], before[".params['head'].w"])
   adam_counts = {k: int(v) for k, v in after.items() if k.endswith("inner_state.count")}
   assert sorted(adam_counts.values()) == [0, 2], adam_counts
   assert np.isfinite(float(metrics["loss"]))
-  state, _ = steps[False](state, images, labels)
+  state, _ = steps[False](state, train.Batch(images, labels))
   moved = _flat(state)
-  assert not np.array_equal(moved["['params']['backbone']['conv1']['kernel'].value"],
-                            before["['params']['backbone']['conv1']['kernel'].value"])
+  assert not np.array_equal(moved[".params['backbone']['conv1']['kernel'].value"],
+                            before[".params['backbone']['conv1']['kernel'].value"])
 
 
 # ----------------------------------------------------------------------------------------

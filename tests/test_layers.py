@@ -15,23 +15,25 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "unitsface_jax"
 ALLOWED = {
     "losses": set(),
     "parallel": set(),
-    "optim": set(),
+    "pytrees": set(),
+    "optim": {"pytrees"},
     "storage": set(),
     "metric_writer": {"storage"},
     "cpu_tuning": set(),
     "models": {"cpu_tuning"},
     "data": {"storage"},
     "head": {"losses", "parallel"},
-    "checkpoint": {"models", "parallel"},
+    "checkpoint": {"models", "parallel", "pytrees"},
     "config_checks": {"head", "models"},
     "evaluation": {"data", "parallel"},
     "export": {"models"},
     "finetune": {"checkpoint", "export", "models"},
+    "run_control": {"parallel"},
     "train": {"checkpoint", "head", "losses", "metric_writer", "models", "optim", "parallel",
-              "data", "evaluation", "cpu_tuning", "finetune"},
+              "pytrees", "run_control", "data", "evaluation", "cpu_tuning", "finetune"},
 }
 # Entry points: command-line programs that may use anything.
-ENTRY_POINTS = {"main.py", "evaluate.py", "export/__main__.py", "data/prepare.py",
+ENTRY_POINTS = {"main.py", "evaluate.py", "plan.py", "export/__main__.py", "data/prepare.py",
                 "data/demo.py", "__init__.py"}
 
 

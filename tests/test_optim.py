@@ -161,11 +161,11 @@ def test_optimizer_state_takes_the_shardings_of_the_parameters_it_mirrors(name):
   tx = optim.make(config, 8)
   _, _, state = train.init_state(config, parallel.make_mesh(1), tx, jax.random.key(0))
   specs = {jax.tree_util.keystr(p): x.sharding.spec
-           for p, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+           for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
   w_specs = {k: v for k, v in specs.items() if k.endswith(".w")}
   # momentum (sgd) or mu and nu (adamw), and MultiSteps' accumulated gradient
   assert len(w_specs) == (2 if name == "sgd" else 3), specs
-  assert all(v == state["params"]["head"].w.sharding.spec and v[0] == "devices"
+  assert all(v == state.params["head"].w.sharding.spec and v[0] == "devices"
              for v in w_specs.values()), w_specs
   counters = [v for k, v in specs.items() if k.endswith(("count", "mini_step", "gradient_step"))]
   assert counters and all(v == jax.sharding.PartitionSpec() for v in counters), specs

@@ -12,7 +12,7 @@ import pytest
 import command_lines
 from test_launch import launch_local
 from test_train import _env, metrics, ok, run, run_two_processes, steps
-from unitsface_jax import train
+from unitsface_jax import run_control
 from unitsface_jax.data import demo as demo_data
 
 # 8 steps of batch 8 (4 an epoch), checkpoints at 4, 6, 8; a trunk of width 4.
@@ -27,12 +27,12 @@ def test_step_queue_lets_at_most_one_pushed_step_run():
       x = jnp.tanh(x @ x) / 64
     return x
 
-  queue, x, pushed = train.StepQueue(), jnp.ones((256, 256)), []
+  queue, x, pushed = run_control.StepQueue(), jnp.ones((256, 256)), []
   for _ in range(6):
     x = slow_step(x)
     pushed.append(x)
     queue.push(x)
-    assert len(queue.pending) == train.MAX_STEPS_IN_FLIGHT - 1
+    assert len(queue.pending) == run_control.MAX_STEPS_IN_FLIGHT - 1
     assert all(p.is_ready() for p in pushed[:-1])  # every earlier step has finished
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import demo as demo_config
-from unitsface_jax import checkpoint, head, optim, parallel, train
+from unitsface_jax import checkpoint, head, optim, parallel, pytrees, train
 from unitsface_jax.data import DataError, demo, pixels, prepare, sources
 from unitsface_jax.evaluation import extract, verification
 
@@ -73,7 +73,7 @@ def saved(workdir, step=None):
   finally:
     ckpt.close()
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(checkpoint.path_names(p)): np.asarray(v) for p, v in flat}
+  return {"/".join(pytrees.path_names(p)): np.asarray(v) for p, v in flat}
 
 
 def restored(config, workdir, step):
@@ -192,7 +192,7 @@ def _child_env():
 def _batch_stats(graphdef, rng_state, state, images=None):
   """Every BatchNorm running statistic of ``state``'s backbone, after a training-mode forward
   pass on ``images`` if given."""
-  model = nnx.merge(graphdef, state["params"]["backbone"], state["model_state"], rng_state,
+  model = nnx.merge(graphdef, state.params["backbone"], state.model_state, rng_state,
                     copy=True)
   if images is not None:
     model(images)
@@ -213,7 +213,7 @@ def test_per_device_batch_norm_statistics_on_two_devices(tmp_path):
       cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   graphdef, rng_state, state = restored(config, tmp_path, 1)
-  assert int(state["step"]) == 1
+  assert int(state.step) == 1
   got = _batch_stats(graphdef, rng_state, state)
   # The initial backbone run on each device's slice alone (its own batch statistics), and on
   # the whole batch. A running statistic is linear in the batch statistic, so per-device
@@ -235,8 +235,8 @@ def test_per_device_batch_norm_statistics_on_two_devices(tmp_path):
 
 def _head_w_and_momentum(state):
   """Copies of W and of W's momentum (the only [C, D] leaf of the optimiser state)."""
-  w = state["params"]["head"].w
-  momenta = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == w.shape]
+  w = state.params["head"].w
+  momenta = [x for x in jax.tree.leaves(state.opt_state) if x.shape == w.shape]
   assert len(momenta) == 1
   return np.asarray(w, np.float64), np.asarray(momenta[0], np.float64)
 
@@ -255,7 +255,7 @@ def test_partial_fc_updates_the_sampled_classes_only():
   sampled = []
   for batch in batches(config, 3):
     w0, m0 = _head_w_and_momentum(state)
-    state, metrics = step(state, batch["image"], batch["label"], batch["flip"])
+    state, metrics = step(state, train.Batch(batch["image"], batch["label"], batch["flip"]))
     assert np.isfinite(float(metrics["loss"]))
     w1, m1 = _head_w_and_momentum(state)
     # SGD with coupled decay: m1 = g + wd * w0 + mu * m0 and w1 = w0 - lr * m1, so the
@@ -301,9 +301,9 @@ def test_arcface_with_s2s_bce_trains_and_logs_the_arcface_loss(tmp_path):
   # Step 7's logged s2c from its cosines: the state saved at step 6 and the seventh batch.
   graphdef, rng_state, state = restored(config, tmp_path, 6)
   batch = batches(config, 7)[-1]
-  model = nnx.merge(graphdef, state["params"]["backbone"], state["model_state"], rng_state)
+  model = nnx.merge(graphdef, state.params["backbone"], state.model_state, rng_state)
   embeddings = np.asarray(model(model_input(batch)), np.float64)  # training mode, as the step
-  w = np.asarray(state["params"]["head"].w, np.float64)[:config.data.num_classes]
+  w = np.asarray(state.params["head"].w, np.float64)[:config.data.num_classes]
   cos = _cosines(embeddings, w)
   arcface = _margin_softmax_loss(cos, batch["label"],
                                  lambda c: np.cos(np.arccos(np.clip(c, -1, 1)) + 0.5))
@@ -311,8 +311,8 @@ def test_arcface_with_s2s_bce_trains_and_logs_the_arcface_loss(tmp_path):
   assert m[7]["s2c"] == pytest.approx(arcface, rel=1e-4)
   assert abs(m[7]["s2c"] - cosface) > 100 * 1e-4 * arcface
   # s2s BCE trains a bias per class (set on first use for every class), USS the scalar b.
-  assert np.all(np.asarray(state["params"]["head"].class_bias) != 0)
-  assert float(state["params"]["head"].bias) == 0
+  assert np.all(np.asarray(state.params["head"].class_bias) != 0)
+  assert float(state.params["head"].bias) == 0
 
 
 def test_bf16_head_storage_trains_and_resumes_bitwise(tmp_path):

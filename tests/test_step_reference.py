@@ -221,12 +221,12 @@ def package_snapshot(state, graphdef, rng_state, param_keys):
   its input state)."""
   def as_torch(tree):
     return export.torch_state_dict(
-        nnx.merge(graphdef, tree, state["model_state"], rng_state, copy=True))
-  trace = optax.tree_utils.tree_get(state["opt_state"], "trace")
+        nnx.merge(graphdef, tree, state.model_state, rng_state, copy=True))
+  trace = optax.tree_utils.tree_get(state.opt_state, "trace")
   momentum = as_torch(trace["backbone"])
-  head, buffers = state["params"]["head"], state["head_buffers"]
+  head, buffers = state.params["head"], state.head_buffers
   return {
-      "backbone": as_torch(state["params"]["backbone"]),
+      "backbone": as_torch(state.params["backbone"]),
       "momentum": {k: momentum[k] for k in param_keys},
       "w": np.array(head.w), "b": np.array(head.bias),
       "momentum_w": np.array(trace["head"].w), "momentum_b": np.array(trace["head"].bias),
@@ -258,7 +258,7 @@ def test_three_steps_match_an_independent_pytorch_step():
   mesh = parallel.make_mesh(1)
   tx = optim.sgd(config, STEPS_PER_EPOCH)
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-  slope = state["params"]["backbone"]["layer1"][0]["prelu"]["slope"]
+  slope = state.params["backbone"]["layer1"][0]["prelu"]["slope"]
   slope[...] = slope[...].at[NEAR_CLAMP_CHANNEL].set(NEAR_CLAMP_SLOPE)
   step = train.make_train_step(config, mesh, graphdef, rng_state, tx, STEPS_PER_EPOCH)
 
@@ -268,14 +268,14 @@ def test_three_steps_match_an_independent_pytorch_step():
   # The frozen BN scale is state, not a parameter, in both: the package optimises exactly the
   # tensors the twin trains.
   assert "features.weight" in got["backbone"] and "features.weight" not in param_keys
-  assert len(jax.tree.leaves(state["params"]["backbone"])) == len(param_keys)
+  assert len(jax.tree.leaves(state.params["backbone"])) == len(param_keys)
 
   grad_norms = []
   for i, (images, labels) in enumerate(demo_batches()):
     where = f"step {i + 1}"
     reference.load(got)
     ref = reference.step(device_pixels(images), labels)
-    state, metrics = step(state, images, labels)
+    state, metrics = step(state, train.Batch(images, labels))
     got, want = package_snapshot(state, graphdef, rng_state, param_keys), reference.snapshot()
 
     # The multistep schedule has no decay in these steps: the reference's lr throughout.

@@ -247,7 +247,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_po
          "--num_processes=1", "--process_id=0", env=env))
   two = tmp_path / "two"
   # SIGTERM reaches process 1 only, after step 5 (neither a log nor a checkpoint step): it
-  # proposes step 5 + train.MAX_STEPS_IN_FLIGHT = 7, where both save and exit 0.
+  # proposes step 5 + run_control.MAX_STEPS_IN_FLIGHT = 7, where both save and exit 0.
   first = run_two_processes(two, free_port(), *flags, env=env,
                             process_flags=((), ["--config.debug.signal_after_step=5"]))
   for returncode, stderr in first:

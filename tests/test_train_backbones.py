@@ -54,12 +54,12 @@ def _first_loss(name: str, step: int) -> float:
   mesh = parallel.make_mesh(1)
   tx = optim.make(config, 100)
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-  state["step"] = jax.device_put(jnp.int32(step), parallel.replicated(mesh))
+  state = state._replace(step=jax.device_put(jnp.int32(step), parallel.replicated(mesh)))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)
   labels = rng.integers(0, config.data.num_classes, (config.batch_size,), dtype=np.int32)
   step_fn = train.make_train_step(config, mesh, graphdef, rng_state, tx, 100)
-  _, metrics = step_fn(state, jnp.asarray(images), jnp.asarray(labels))
+  _, metrics = step_fn(state, train.Batch(jnp.asarray(images), jnp.asarray(labels)))
   return float(metrics["loss"])
 
 
@@ -70,3 +70,33 @@ def test_vit_draws_new_token_masks_and_drop_paths_every_step():
   at_0, at_1, again_0 = (_first_loss("vit_t", s) for s in (0, 1, 0))
   assert at_0 == again_0
   assert at_0 != at_1
+
+
+def test_remat_gives_the_same_step():
+  """``model.remat`` recomputes each IR block's activations in the backward pass: the same
+  loss, gradient norm, weights and BatchNorm statistics after a step, and about one more
+  forward pass of FLOPs in the compiled program (the recomputation is there)."""
+  results = {}
+  for remat in (False, True):
+    config = demo.get_config("smoke")
+    config.model.width = 4
+    config.model.num_features = 32
+    config.model.remat = remat
+    mesh = parallel.make_mesh(1)
+    tx = optim.make(config, 8)
+    graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = train.Batch(
+        jnp.asarray(rng.integers(0, 256, (config.batch_size, 112, 112, 3), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, 40, (config.batch_size,), dtype=np.int32)))
+    step = train.make_train_step(config, mesh, graphdef, rng_state, tx, 8)
+    cost = step.lower(state, batch).compile().cost_analysis()
+    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    state, metrics = step(state, batch)
+    results[remat] = (jax.device_get((state.params["backbone"], state.model_state)),
+                      jax.device_get(metrics), flops)
+  (want, want_metrics, plain_flops), (got, got_metrics, remat_flops) = results[False], results[True]
+  assert 1.15 * plain_flops < remat_flops < 1.6 * plain_flops, (remat_flops, plain_flops)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unitsface_jax import models
+from unitsface_jax.pytrees import path_names
 from unitsface_jax.parallel import DEVICE_AXIS
 
 
@@ -203,8 +204,11 @@ class Checkpoints:
     """Saves every ``every_steps`` steps (or when ``force``); returns whether a save started.
 
     The policy is ours, not orbax's (which would also save the first step it sees), so a
-    resumed run saves at exactly the steps an uninterrupted run saves at.
+    resumed run saves at exactly the steps an uninterrupted run saves at. A NamedTuple
+    ``state`` (``train.TrainState``) is written as the dict of its fields.
     """
+    if hasattr(state, "_asdict"):
+      state = state._asdict()
     if not force and step % self.every_steps != 0:
       return False
     if step in self._manager.all_steps():
@@ -271,11 +275,6 @@ class Checkpoints:
 
 def _is_array(x) -> bool:
   return hasattr(x, "shape")
-
-
-def path_names(path) -> tuple[str, ...]:
-  """A pytree key path as plain names, the same for a live pytree and orbax's metadata."""
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def abstract_like(tree: Any) -> Any:

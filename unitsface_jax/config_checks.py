@@ -52,6 +52,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be a positive number of channels")
   width_error = models.width_error(c.model.name, c.model.width)
   _require(width_error is None, "model.width", c.model.width, width_error)
+  _require(not c.model.get("remat", False) or models.supports_remat(c.model.name),
+           "model.remat", c.model.get("remat", False), f"{models.REMAT_ERROR} not {c.model.name}")
   _require(c.model.bn_stats in BN_STATS, "model.bn_stats", c.model.bn_stats,
            f"must be one of {BN_STATS}")
   _require(c.num_devices >= 0, "num_devices", c.num_devices, "must be >= 0 (0: all)")

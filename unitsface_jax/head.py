@@ -198,30 +198,34 @@ def head_shardings(mesh: Mesh, config: HeadConfig | None = None) -> HeadState:
   return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), head_specs(config))
 
 
-def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState:
-  """A fresh head state created directly with its shardings.
+def initial_head_state(key: jax.Array, config: HeadConfig, num_shards: int) -> HeadState:
+  """A fresh head state for ``num_shards`` devices, unsharded (trace it under ``jax.jit``
+  with ``head_shardings`` as the output shardings, or ``jax.eval_shape`` it).
 
   W ~ N(0, 1/D), the kaiming-normal (a=1, fan_in) initialisation of CVI-SZU/UniTSFace
   head.py; padded rows are zero. M is zero and unseen, b and the class biases are 0 until
   their first use (head.py initialises b from data when it is ≤ 0); the loss's own bias and
   statistics take their reference initial values (``s2c_initial_state``).
   """
-  padded = padded_classes(config.num_classes, mesh.shape[DEVICE_AXIS])
+  padded = padded_classes(config.num_classes, num_shards)
   dtype = jnp.dtype(config.storage_dtype)
+  w = jax.random.normal(key, (padded, config.embedding_dim), jnp.float32)
+  w = w / math.sqrt(config.embedding_dim)
+  w = jnp.where((jnp.arange(padded) < config.num_classes)[:, None], w, 0.0)
+  s2c_bias, s2c_stats = s2c_initial_state(config, padded)
+  params = HeadParams(w=w.astype(dtype), bias=jnp.zeros((), jnp.float32),
+                      class_bias=jnp.zeros((padded,), jnp.float32), s2c_bias=s2c_bias)
+  buffers = HeadBuffers(memory=jnp.zeros((padded, config.embedding_dim), dtype),
+                        seen=jnp.zeros((padded,), jnp.bool_),
+                        initialized=jnp.zeros((), jnp.bool_), s2c_stats=s2c_stats)
+  return HeadState(params, buffers)
 
-  def init(key):
-    w = jax.random.normal(key, (padded, config.embedding_dim), jnp.float32)
-    w = w / math.sqrt(config.embedding_dim)
-    w = jnp.where((jnp.arange(padded) < config.num_classes)[:, None], w, 0.0)
-    s2c_bias, s2c_stats = s2c_initial_state(config, padded)
-    params = HeadParams(w=w.astype(dtype), bias=jnp.zeros((), jnp.float32),
-                        class_bias=jnp.zeros((padded,), jnp.float32), s2c_bias=s2c_bias)
-    buffers = HeadBuffers(memory=jnp.zeros((padded, config.embedding_dim), dtype),
-                          seen=jnp.zeros((padded,), jnp.bool_),
-                          initialized=jnp.zeros((), jnp.bool_), s2c_stats=s2c_stats)
-    return HeadState(params, buffers)
 
-  return jax.jit(init, out_shardings=head_shardings(mesh, config))(key)
+def init_head_state(key: jax.Array, config: HeadConfig, mesh: Mesh) -> HeadState:
+  """``initial_head_state`` created directly with its shardings on ``mesh``."""
+  return jax.jit(functools.partial(initial_head_state, config=config,
+                                   num_shards=mesh.shape[DEVICE_AXIS]),
+                 out_shardings=head_shardings(mesh, config))(key)
 
 
 def _pick_classes(key, offset, local_labels, real, num_sampled_classes):

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unitsface_jax import pytrees
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: float) -> optax.Schedule:
@@ -127,15 +129,10 @@ def keep_frozen(new, old, frozen: str = "backbone"):
   advance. The selection is made when tracing, so the compiled step computes nothing for the
   frozen leaves.
   """
-  def pick(path, n, o):
-    keys = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return o if frozen in keys else n
-  return jax.tree_util.tree_map_with_path(pick, new, old)
+  return pytrees.map_with_names(lambda names, n, o: o if frozen in names else n, new, old)
 
 
 def clamp_prelu(params, minimum: float = 0.01):
   """PReLU slopes clamped to >= ``minimum`` (the official ``restrict_weights()`` each step)."""
-  def clamp(path, x):
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return jnp.maximum(x, minimum) if "slope" in names else x
-  return jax.tree_util.tree_map_with_path(clamp, params)
+  return pytrees.map_with_names(
+      lambda names, x: jnp.maximum(x, minimum) if "slope" in names else x, params)

@@ -18,12 +18,12 @@ Decisions (docs/design.md, "Decisions"):
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import functools
 import logging as py_logging
 import signal
-import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from flax import nnx
 from unitsface_jax import checkpoint as checkpoint_lib
 from unitsface_jax import finetune
 from unitsface_jax import head as head_lib
-from unitsface_jax import losses, metric_writer, models, optim, parallel
+from unitsface_jax import losses, metric_writer, models, optim, parallel, pytrees, run_control
 from unitsface_jax.data import pipeline as pipeline_lib
 from unitsface_jax.data import pixels
 from unitsface_jax.data import sources as sources_lib
@@ -85,6 +85,7 @@ def make_data_iterator(config: ml_collections.ConfigDict,
 
 
 def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
+  """The head's static description (``head.HeadConfig``) from ``config.loss`` and the sizes."""
   return head_lib.HeadConfig(
       num_classes=config.data.num_classes, embedding_dim=config.model.num_features,
       s2c_loss=config.loss.s2c, s2c_scale=config.loss.s2c_scale,
@@ -94,54 +95,115 @@ def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
       **{name: config.loss[name] for name in head_lib.S2C_OPTIONS})
 
 
+# ==================================================================== state
+class TrainState(NamedTuple):
+  """Everything a run checkpoints (a pytree; orbax writes it as a dict of these fields).
+
+  Attributes:
+    params: {"backbone": the backbone's nnx.Param state, "head": ``head.HeadParams``}.
+    model_state: the backbone's BatchNorm statistics and frozen scales.
+    head_buffers: ``head.HeadBuffers`` (memory bank, seen mask, b's flag, loss statistics).
+    opt_state: the optax state of ``optim.make`` over ``params``.
+    step: [] int32, train steps done (micro-batches with gradient accumulation).
+    first_nonfinite_step: [] int32, the first step whose loss or gradient norm was NaN/inf,
+      -1 while none was.
+  """
+  params: dict
+  model_state: Any
+  head_buffers: head_lib.HeadBuffers
+  opt_state: Any
+  step: jax.Array
+  first_nonfinite_step: jax.Array
+
+
+class Batch(NamedTuple):
+  """One global batch as the step reads it: uint8 images [B, H, W, 3], int labels [B] and
+  the flip coins [B] the pipeline drew but did not apply (None: nothing to mirror)."""
+  images: jax.Array
+  labels: jax.Array
+  flips: jax.Array | None = None
+
+
+def _create_state(key: jax.Array, *, config, tx, num_shards: int):
+  """The train state before sharding: (the backbone's graph, its dropout stream, the state).
+  Traced under ``jax.jit`` (``init_state``) or ``jax.eval_shape`` (``abstract_state``)."""
+  model_key, head_key = jax.random.split(key)
+  model = models.from_config(config.model, model_key)
+  graphdef, params, model_state, rng_state = nnx.split(model, nnx.Param, models.MODEL_STATE,
+                                                       ...)
+  head_state = head_lib.initial_head_state(head_key, head_config(config), num_shards)
+  all_params = {"backbone": params, "head": head_state.params}
+  return graphdef, rng_state, TrainState(
+      params=all_params, model_state=model_state, head_buffers=head_state.buffers,
+      opt_state=tx.init(all_params), step=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
+
+
+def _state_layout(config, mesh, tx):
+  """(graphdef, the state's shapes, its shardings, the function that creates it on ``mesh``).
+
+  One description of the state for both a real run and the TPU plan (``plan.py``): the
+  backbone and its optimiser state are replicated, the head is class-sharded
+  (``head.head_shardings``), and each optimiser-state leaf that mirrors a parameter takes
+  that parameter's sharding (``_mirror_shardings``).
+  """
+  create = functools.partial(_create_state, config=config, tx=tx,
+                             num_shards=mesh.shape[parallel.DEVICE_AXIS])
+  graphdef, rng_shapes, shapes = jax.eval_shape(create, jax.random.key(0))
+  replicated = parallel.replicated(mesh)
+  param_shardings = {"backbone": jax.tree.map(lambda _: replicated, shapes.params["backbone"]),
+                     "head": head_lib.head_shardings(mesh, head_config(config)).params}
+  shardings = TrainState(
+      params=param_shardings,
+      model_state=jax.tree.map(lambda _: replicated, shapes.model_state),
+      head_buffers=head_lib.head_shardings(mesh, head_config(config)).buffers,
+      opt_state=_mirror_shardings(shapes.opt_state, shapes.params, param_shardings,
+                                  replicated),
+      step=replicated, first_nonfinite_step=replicated)
+  return graphdef, rng_shapes, shapes, shardings, create
+
+
 def init_state(config, mesh, tx, key):
   """The train state, every array created directly with its sharding.
 
   Returns (graphdef, rng_state, state): ``rng_state`` is the model's dropout stream (reseeded
-  from (seed, step) in every step, so it is not checkpointed); ``state`` = {"params":
-  {"backbone", "head"}, "model_state", "head_buffers", "opt_state", "step",
-  "first_nonfinite_step"}, all of it checkpointed.
+  from (seed, step) in every step, so it is not checkpointed); ``state`` a ``TrainState``, all
+  of it checkpointed.
   """
-  replicated = parallel.replicated(mesh)
-  model_key, head_key = jax.random.split(key)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config.model, model_key)))
-
-  def init_backbone(k):
-    _, params, model_state, rng_state = nnx.split(models.from_config(config.model, k),
-                                                  nnx.Param, models.MODEL_STATE, ...)
-    return params, model_state, rng_state
-
-  params, model_state, rng_state = jax.jit(init_backbone, out_shardings=replicated)(model_key)
-  head_state = head_lib.init_head_state(head_key, head_config(config), mesh)
-  all_params = {"backbone": params, "head": head_state.params}
-  opt_shardings = _mirror_shardings(jax.eval_shape(tx.init, all_params), all_params,
-                                    replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(all_params)
-  state = {"params": all_params, "model_state": model_state,
-           "head_buffers": head_state.buffers, "opt_state": opt_state,
-           "step": jax.device_put(jnp.int32(0), replicated),
-           "first_nonfinite_step": jax.device_put(jnp.int32(-1), replicated)}
+  graphdef, _, _, shardings, create = _state_layout(config, mesh, tx)
+  rng_state, state = jax.jit(lambda k: create(k)[1:],
+                             out_shardings=(parallel.replicated(mesh), shardings))(key)
   return graphdef, rng_state, state
 
 
-def _mirror_shardings(opt_shapes, params, replicated):
+def abstract_state(config, mesh, tx):
+  """``init_state`` without allocating anything: (graphdef, the dropout stream's shapes, the
+  state as ``jax.ShapeDtypeStruct``s carrying the shardings ``init_state`` gives its arrays).
+  ``mesh`` may hold compile-only devices (``jax.experimental.topologies``)."""
+  graphdef, rng_shapes, shapes, shardings, _ = _state_layout(config, mesh, tx)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       shapes, shardings)
+  return graphdef, rng_shapes, state
+
+
+def _mirror_shardings(opt_shapes, params, param_shardings, replicated):
   """The optimiser state takes the shardings of the parameters it mirrors (SGD's momentum,
   Adam's mu and nu, accumulated gradients of W are class-sharded like W); its counters are
   replicated. A state leaf mirrors a parameter when its path ends with the parameter's path
   and it has its shape, which also finds the parameters in optax.multi_transform's per-part
   states (optax.tree_map_params does not)."""
-  by_path = {checkpoint_lib.path_names(p): x
-             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  by_path = {}
+  for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                     jax.tree.leaves(param_shardings)):
+    by_path[pytrees.path_names(path)] = (param.shape, sharding)
 
-  def sharding(path, leaf):
-    names = checkpoint_lib.path_names(path)
+  def sharding(names, leaf):
     for n in range(len(names), 0, -1):
-      param = by_path.get(names[-n:])
-      if param is not None and param.shape == leaf.shape:
-        return param.sharding
+      shape, param_sharding = by_path.get(names[-n:], (None, None))
+      if shape == leaf.shape:
+        return param_sharding
     return replicated
 
-  return jax.tree_util.tree_map_with_path(sharding, opt_shapes)
+  return pytrees.map_with_names(sharding, opt_shapes)
 
 
 def data_fingerprint(images: jax.Array, labels: jax.Array) -> jax.Array:
@@ -161,94 +223,155 @@ def data_fingerprint(images: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.sum(examples * order, dtype=jnp.uint32) % jnp.uint32(999_983)).astype(jnp.int32)
 
 
+# ==================================================================== the step
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a train step is compiled for; bound to it with ``functools.partial`` (never traced).
+
+  Attributes:
+    config: the run's config.
+    mesh: the mesh the step runs on.
+    graphdef: the backbone's graph (``nnx.split``).
+    rng_shapes: shapes of the backbone's dropout stream, rebuilt from (seed, step) in every
+      step.
+    tx: the optimiser.
+    steps_per_epoch: train steps per epoch (the schedule and the USS start epoch count them).
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  rng_shapes: Any
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+
+  @property
+  def head(self) -> head_lib.HeadConfig:
+    return head_config(self.config)
+
+
+def _step_inputs(context: StepContext, state: TrainState, batch: Batch):
+  """(normalised images, labels, data fingerprint, whether the s2s term is active).
+
+  The pipeline ships uint8 (4x less host traffic) and, with defer_flip, the coin flips it did
+  not apply; mirroring and (x / 255 - 0.5) / 0.5 happen here, on the device.
+  """
+  images = batch.images
+  if batch.flips is not None:
+    images = pixels.mirror_where(images, batch.flips)
+  fingerprint = data_fingerprint(images, batch.labels)
+  epoch = state.step // context.steps_per_epoch
+  s2s_active = jnp.logical_and(context.config.loss.s2s != "none",
+                               epoch >= context.config.loss.uss_start_epoch)
+  return pixels.normalize(images), batch.labels, fingerprint, s2s_active
+
+
+def _objective(params, context: StepContext, state: TrainState, images, labels, s2s_active,
+               *, train_backbone: bool):
+  """The loss of one batch as a function of ``params`` (what ``jax.grad`` differentiates),
+  with (loss terms, head state after the step, BatchNorm statistics after it)."""
+  config, step = context.config, state.step
+  dropout_root, sample_root = jax.random.split(jax.random.key(config.seed))
+  model = nnx.merge(context.graphdef, params["backbone"], state.model_state,
+                    _dropout_stream(context.rng_shapes, dropout_root, step), copy=True)
+  if train_backbone:
+    if config.model.bn_stats == "per_device":
+      _set_bn_groups(model, context.mesh.size)
+    # Dropout, and a ViT's drop path and token masking, draw from this stream.
+    nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
+  else:
+    model.eval()
+  embeddings = model(images)
+  terms, new_head = head_lib.head_loss(
+      head_lib.HeadState(params["head"], state.head_buffers), embeddings, labels,
+      config=context.head, mesh=context.mesh, key=jax.random.fold_in(sample_root, step),
+      s2s_active=s2s_active)
+  loss = losses.unitsface_objective(terms["s2c"], terms["s2s"], s2s_active,
+                                    s2c_weight=config.loss.w_s2c, s2s_weight=config.loss.w_s2s)
+  return loss, (terms, new_head, nnx.state(model, models.MODEL_STATE))
+
+
+def _dropout_stream(rng_shapes, root: jax.Array, step: jax.Array):
+  """The backbone's dropout stream at ``step``: key fold_in(root, step), count 0 (what
+  ``nnx.reseed`` sets), so the stream is a function of (seed, step) and is not checkpointed."""
+  key = jax.random.fold_in(root, step)
+  return jax.tree.map(
+      lambda x: key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+      else jnp.zeros(x.shape, x.dtype), rng_shapes)
+
+
+def _apply_gradients(context: StepContext, state: TrainState, loss, aux, grads, fingerprint,
+                     s2s_active):
+  """The optimiser update, PReLU clamp and NaN guard; (new state, metrics)."""
+  config = context.config
+  terms, new_head, model_state = aux
+  # b takes its data-dependent first value inside the head; this step's update applies to
+  # that value (as the official code, which initialises b in the forward pass).
+  params = {"backbone": state.params["backbone"], "head": new_head.params}
+  updates, opt_state = context.tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
+  params = {"backbone": optim.clamp_prelu(params["backbone"]), "head": params["head"]}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                        state.first_nonfinite_step)
+  new_state = TrainState(params=params, model_state=model_state,
+                         head_buffers=new_head.buffers, opt_state=opt_state,
+                         step=state.step + 1, first_nonfinite_step=first_bad)
+  lr_schedule = optim.update_schedule(config, context.steps_per_epoch)
+  metrics = {"loss": loss, "s2c": jnp.mean(terms["s2c"]),
+             "s2s": jnp.where(s2s_active, jnp.mean(terms["s2s"]), 0.0),
+             "grad_norm": grad_norm,
+             "lr": lr_schedule(state.step // config.optimizer.grad_accum_steps),
+             "threshold_t": params["head"].bias / config.loss.s2s_scale,
+             "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
+                                       .astype(jnp.float32)),
+             # Lets a resumed or rescaled run be checked against another.
+             "data_fingerprint": fingerprint}
+  # AdaFace's norm statistics, CurricularFace's t (none for the other losses).
+  metrics.update({f"s2c_{k}": v for k, v in new_head.buffers.s2c_stats.items()})
+  return new_state, metrics
+
+
+def train_step(context: StepContext, state: TrainState, batch: Batch):
+  """One update: backbone fwd/bwd, the sharded head, the objective, the optimiser, the PReLU
+  clamp and the NaN guard. Pure; ``make_train_step`` jits it with ``context`` bound."""
+  images, labels, fingerprint, s2s_active = _step_inputs(context, state, batch)
+  (loss, aux), grads = jax.value_and_grad(_objective, has_aux=True)(
+      state.params, context, state, images, labels, s2s_active, train_backbone=True)
+  return _apply_gradients(context, state, loss, aux, grads, fingerprint, s2s_active)
+
+
+def head_only_step(context: StepContext, state: TrainState, batch: Batch):
+  """``train_step`` with the backbone frozen (the first ``config.init.head_only_steps`` of a
+  fine-tuning run): the backbone runs in inference mode (running BatchNorm statistics, which
+  it does not update; no dropout) outside the differentiated function, and its parameters and
+  its part of the optimiser state stay as they are (``optim.keep_frozen``)."""
+  images, labels, fingerprint, s2s_active = _step_inputs(context, state, batch)
+  backbone = state.params["backbone"]
+
+  def head_objective(head_params):
+    return _objective({"backbone": backbone, "head": head_params}, context, state, images,
+                      labels, s2s_active, train_backbone=False)
+
+  (loss, aux), head_grads = jax.value_and_grad(head_objective, has_aux=True)(
+      state.params["head"])
+  grads = {"backbone": jax.tree.map(jnp.zeros_like, backbone), "head": head_grads}
+  new_state, metrics = _apply_gradients(context, state, loss, aux, grads, fingerprint,
+                                        s2s_active)
+  return new_state._replace(
+      params=optim.keep_frozen(new_state.params, state.params),
+      opt_state=optim.keep_frozen(new_state.opt_state, state.opt_state)), metrics
+
+
 def make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch: int, *,
                     head_only: bool = False):
-  """The pure, jitted update: backbone fwd/bwd, sharded head, objective, optimiser, PReLU
-  clamp.
-
-  ``head_only`` (the first ``config.init.head_only_steps`` of a fine-tuning run): the
-  backbone is frozen: it runs in inference mode (running BatchNorm statistics, which it does
-  not update; no dropout), no gradient is computed through it, and its parameters and its
-  part of the optimiser state stay as they are (``optim.keep_frozen``).
-  """
-  hc = head_config(config)
-  seed_key = jax.random.key(config.seed)
-  dropout_root, sample_root = jax.random.split(seed_key)
-  accum = config.optimizer.grad_accum_steps
-  lr_schedule = optim.update_schedule(config, steps_per_epoch)
-  groups = mesh.size if config.model.bn_stats == "per_device" else 0
-  uses_s2s = config.loss.s2s != "none"
-
-  def train_step(state, images, labels, flips=None):
-    # The pipeline ships uint8 (4x less host traffic) and, with defer_flip, the coin flips
-    # it did not apply; mirroring and (x / 255 - 0.5) / 0.5 happen here, on the device.
-    if flips is not None:
-      images = pixels.mirror_where(images, flips)
-    fingerprint = data_fingerprint(images, labels)
-    images = pixels.normalize(images)
-    step = state["step"]
-    epoch = step // steps_per_epoch
-    # Whether the sample-to-sample term is in this step's loss (and b may initialise).
-    s2s_active = jnp.logical_and(uses_s2s, epoch >= config.loss.uss_start_epoch)
-
-    def loss_fn(trained):
-      params = {"backbone": state["params"]["backbone"], "head": trained} if head_only else (
-          trained)
-      model = nnx.merge(graphdef, params["backbone"], state["model_state"], rng_state,
-                        copy=True)
-      if head_only:
-        model.eval()
-      else:
-        if groups:
-          _set_bn_groups(model, groups)
-        # Dropout, and a ViT's drop path and token masking, draw from this stream.
-        nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, step))
-      embeddings = model(images)
-      head_state = head_lib.HeadState(params["head"], state["head_buffers"])
-      terms, new_head = head_lib.head_loss(
-          head_state, embeddings, labels, config=hc, mesh=mesh,
-          key=jax.random.fold_in(sample_root, step), s2s_active=s2s_active)
-      loss = losses.unitsface_objective(
-          terms["s2c"], terms["s2s"], s2s_active, s2c_weight=config.loss.w_s2c,
-          s2s_weight=config.loss.w_s2s)
-      return loss, (terms, new_head, nnx.state(model, models.MODEL_STATE))
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if head_only:
-      (loss, (terms, new_head, model_state)), head_grads = grad_fn(state["params"]["head"])
-      grads = {"backbone": jax.tree.map(jnp.zeros_like, state["params"]["backbone"]),
-               "head": head_grads}
-    else:
-      (loss, (terms, new_head, model_state)), grads = grad_fn(state["params"])
-    # b takes its data-dependent first value inside the head; this step's update applies to
-    # that value (as the official code, which initialises b in the forward pass).
-    params = {"backbone": state["params"]["backbone"], "head": new_head.params}
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    params = optax.apply_updates(params, updates)
-    params = {"backbone": optim.clamp_prelu(params["backbone"]), "head": params["head"]}
-    if head_only:
-      params = optim.keep_frozen(params, state["params"])
-      opt_state = optim.keep_frozen(opt_state, state["opt_state"])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    first_bad = jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
-                          state["first_nonfinite_step"])
-    new_state = {"params": params, "model_state": model_state,
-                 "head_buffers": new_head.buffers, "opt_state": opt_state, "step": step + 1,
-                 "first_nonfinite_step": first_bad}
-    metrics = {"loss": loss, "s2c": jnp.mean(terms["s2c"]),
-               "s2s": jnp.where(s2s_active, jnp.mean(terms["s2s"]), 0.0),
-               "grad_norm": grad_norm, "lr": lr_schedule(step // accum),
-               "threshold_t": params["head"].bias / config.loss.s2s_scale,
-               "memory_filled": jnp.mean(new_head.buffers.seen[:config.data.num_classes]
-                                         .astype(jnp.float32)),
-               # Lets a resumed or rescaled run be checked against another.
-               "data_fingerprint": fingerprint}
-    # AdaFace's norm statistics, CurricularFace's t (none for the other losses).
-    metrics.update({f"s2c_{k}": v for k, v in new_head.buffers.s2c_stats.items()})
-    return new_state, metrics
-
-  return jax.jit(train_step, donate_argnums=(0,))
+  """``train_step`` (or ``head_only_step``) jitted for this run, the state donated:
+  ``step(state, batch) -> (state, metrics)``."""
+  rng_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rng_state)
+  context = StepContext(config=config, mesh=mesh, graphdef=graphdef, rng_shapes=rng_shapes,
+                        tx=tx, steps_per_epoch=steps_per_epoch)
+  step_fn = head_only_step if head_only else train_step
+  return jax.jit(functools.partial(step_fn, context), donate_argnums=(0,))
 
 
 def _set_bn_groups(model: nnx.Module, groups: int) -> None:
@@ -257,84 +380,16 @@ def _set_bn_groups(model: nnx.Module, groups: int) -> None:
       module.num_groups = groups
 
 
-# How many steps the host may dispatch before the device has finished them: the loop waits
-# for step N-1 once it has dispatched step N, so the device always has the next step queued
-# while the host reads the following batch, and a save or a stop waits for at most two steps.
-MAX_STEPS_IN_FLIGHT = 2
-
-
-class StepQueue:
-  """Bounds JAX's asynchronous dispatch: ``push`` takes an output of the step just dispatched
-  and returns once fewer than ``MAX_STEPS_IN_FLIGHT`` pushed steps may still be running.
-
-  Without it the host runs as far ahead of the device as nothing forces a sync (~30 steps of
-  an iresnet100 on a CPU between two log steps), each queued step holding its batch, and a
-  preemption save waits for all of them.
-  """
-
-  def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
-    self.limit = limit
-    self.pending = collections.deque()
-
-  def push(self, output: jax.Array) -> None:
-    self.pending.append(output)
-    while len(self.pending) >= self.limit:
-      jax.block_until_ready(self.pending.popleft())
-
-
-# The coordination service's key under which the processes agree on the step to stop at.
-_STOP_KEY = "unitsface_jax/preemption_stop_step"
-
-
-class _Preemption:
-  """SIGTERM (TPU preemption, SLURM time limit) -> save at a step boundary, exit 0.
-
-  One process stops at the step where it sees the signal. Several processes must stop at the
-  same step (the save is collective): the first to see a signal at step d proposes d +
-  MAX_STEPS_IN_FLIGHT in jax.distributed's key-value store (first writer wins), and every
-  process reads the key at each step (one small RPC to the coordinator, no device sync).
-  Why every process is still at or before that step when it reads it: a process checks at
-  step n only after step n-1 finished on its devices, which needs every process to have
-  dispatched step n-1 (the step's collectives span all of them); so a process at step d+2
-  checks after the proposer dispatched d+1, hence after it wrote the key at d.
-  """
-
-  def __init__(self):
-    self.requested = threading.Event()
-    self._previous = None
-    self._stop_at = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
-
-  def reached(self, step: int) -> bool:
-    """Whether to stop after ``step``; called after every step, once step - 1 has finished."""
-    if jax.process_count() == 1:
-      return self.requested.is_set()
-    if self._stop_at is None:
-      client = parallel.coordination_client()
-      value = parallel.key_value_try_get(client, _STOP_KEY)
-      if value is None and self.requested.is_set():
-        value = parallel.key_value_set_once(client, _STOP_KEY,
-                                            str(step + MAX_STEPS_IN_FLIGHT))
-      if value is not None:
-        self._stop_at = int(value)
-        logging.info("preemption: every process stops after step %d", self._stop_at)
-    return self._stop_at is not None and step >= self._stop_at
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
+# ==================================================================== evaluation
 def _eval_sets(config):
   from unitsface_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
   return verification.load_sets(list(config.eval.bins)) if config.eval.bins else []
 
 
-def evaluate(config, graphdef, rng_state, state, sets) -> dict[str, float]:
+def evaluate(config, graphdef, rng_state, state: TrainState, sets) -> dict[str, float]:
   """Flip-fused verification accuracy of the current backbone on each set."""
   from unitsface_jax.evaluation import extract, verification  # pylint: disable=g-import-not-at-top
-  model = nnx.merge(graphdef, state["params"]["backbone"], state["model_state"], rng_state,
+  model = nnx.merge(graphdef, state.params["backbone"], state.model_state, rng_state,
                     copy=True)
   model.eval()
   results = verification.evaluate_sets(extract.nnx_apply_fn(model), sets,
@@ -358,39 +413,58 @@ def use_compilation_cache(config: ml_collections.ConfigDict, workdir) -> str | N
   return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
-  """Trains (resuming from WORKDIR's latest checkpoint) and returns the last metrics."""
+# ==================================================================== setup
+@dataclasses.dataclass
+class Run:
+  """What ``setup`` builds and ``loop`` runs: the state (restored or fresh), the two jitted
+  steps, the data, the checkpoints and the schedule of the run."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  rng_state: Any
+  state: TrainState
+  train_step: Any
+  head_step: Any
+  data: pipeline_lib.PipelineIterator
+  ckpt: checkpoint_lib.Checkpoints
+  steps_per_epoch: int
+  total_steps: int
+  start_step: int
+
+
+def check_batch_layout(batch_size: int, num_devices: int, num_processes: int) -> None:
+  """The global batch must split evenly over the devices and the processes."""
+  if batch_size % num_devices or batch_size % num_processes:
+    raise ValueError(f"config.batch_size = {batch_size} must divide evenly over "
+                     f"{num_devices} devices and {num_processes} processes")
+
+
+def setup(config: ml_collections.ConfigDict, workdir) -> Run:
+  """Mesh, data, state (restored from WORKDIR's latest checkpoint, or fine-tuned from
+  ``config.init.backbone``, or fresh) and the jitted steps."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _quiet_orbax()
   use_compilation_cache(config, workdir)
 
-  # ---------------------------------------------------------------- mesh
   mesh = parallel.mesh_from_config(config)
   parallel.warm_up_cpu_collectives(mesh)  # before any small reduce-scatter: see there
-  n_dev, n_proc = mesh.size, jax.process_count()
-  if config.batch_size % n_dev or config.batch_size % n_proc:
-    raise ValueError(f"config.batch_size = {config.batch_size} must divide evenly over "
-                     f"{n_dev} devices and {n_proc} processes")
+  check_batch_layout(config.batch_size, mesh.size, jax.process_count())
 
-  # ---------------------------------------------------------------- input pipeline
   source = make_source(config)
   if source.num_classes != config.data.num_classes:
     raise ValueError(f"config.data.num_classes = {config.data.num_classes} but the source "
                      f"has {source.num_classes} classes")
   steps_per_epoch = pipeline_lib.steps_per_epoch(len(source), config.batch_size)
-  total_steps = config.num_epochs * steps_per_epoch
   data = make_data_iterator(config, source)
 
-  # ---------------------------------------------------------------- model, head, optimiser
   tx = optim.make(config, steps_per_epoch)
   graphdef, rng_state, state = init_state(config, mesh, tx, jax.random.key(config.seed))
-  train_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch)
-  head_only_steps = config.init.head_only_steps
-  head_step = make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch,
-                              head_only=True) if head_only_steps else None
+  steps = {head_only: make_train_step(config, mesh, graphdef, rng_state, tx, steps_per_epoch,
+                                      head_only=head_only)
+           for head_only in ((False, True) if config.init.head_only_steps else (False,))}
 
-  # ---------------------------------------------------------------- checkpoint restore
   ckpt = checkpoint_lib.Checkpoints(workdir, every_steps=config.checkpoint_every_steps,
                                     keep=config.keep_checkpoints)
   latest, state = checkpoint_lib.restore_latest(ckpt, state, mesh, data_iterator=data)
@@ -402,73 +476,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     backbone, model_state = finetune.backbone_arrays(
         config.init.backbone, config.model, jax.random.key(config.seed))
     replicated = parallel.replicated(mesh)
-    state["params"]["backbone"] = jax.device_put(backbone, replicated)
-    state["model_state"] = jax.device_put(model_state, replicated)
+    state = state._replace(params={**state.params,
+                                   "backbone": jax.device_put(backbone, replicated)},
+                           model_state=jax.device_put(model_state, replicated))
     logging.info("backbone initialised from %s", config.init.backbone)
-  start_step = int(state["step"])
+  start_step = int(state.step)
   if start_step != (latest or 0):
     raise RuntimeError(f"checkpoint {latest} holds step {start_step}")
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return Run(config=config, workdir=workdir, mesh=mesh, graphdef=graphdef,
+             rng_state=rng_state, state=state, train_step=steps[False],
+             head_step=steps.get(True), data=data, ckpt=ckpt,
+             steps_per_epoch=steps_per_epoch,
+             total_steps=config.num_epochs * steps_per_epoch, start_step=start_step)
 
-  # ---------------------------------------------------------------- loop
-  writer = metric_writer.MetricWriter(workdir)
+
+# ==================================================================== loop
+def itstime(done: int, every: int, total: int) -> bool:
+  """Whether a periodic action is due after ``done`` steps: every ``every`` steps (0: never)
+  and at the last step (big_vision's ``itstime``)."""
+  return done == total or (every > 0 and done % every == 0)
+
+
+def loop(run: Run) -> dict[str, Any]:
+  """Trains from ``run.start_step`` to the end (or a preemption); returns the last metrics."""
+  config, state, ckpt, data = run.config, run.state, run.ckpt, run.data
+  writer = metric_writer.MetricWriter(run.workdir)
   eval_sets = _eval_sets(config) if config.eval.every_steps > 0 else []
-  preemption = _Preemption()
   last, at_start = {}, {}
-  if eval_sets and config.eval.before_training and start_step == 0:
-    at_start = evaluate(config, graphdef, rng_state, state, eval_sets)
+  if eval_sets and config.eval.before_training and run.start_step == 0:
+    at_start = evaluate(config, run.graphdef, run.rng_state, state, eval_sets)
     logging.info("step 0 (initial weights) %s", at_start)
     writer.write(0, at_start)
-  t0, t_steps = None, 0
-  in_flight = StepQueue()
+  timer = _Throughput(config.batch_size)
+  in_flight = run_control.StepQueue()
   try:
-    for step in range(start_step, total_steps):
-      batch = next(data)
-      images, labels, flips = parallel.global_batch(
-          (batch["image"], batch["label"], batch["flip"]), mesh)
-      step_fn = head_step if step < head_only_steps else train_step
-      state, metrics = step_fn(state, images, labels, flips)
-      in_flight.push(metrics["loss"])
-      if t0 is None:  # throughput and ETA from the end of the first (compiling) step
-        jax.block_until_ready(metrics["loss"])
-        t0 = time.time()
-      else:
-        t_steps += 1
-      done = step + 1
-      log_now = done % config.log_every_steps == 0 or done == total_steps
-      save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
-      epoch_end = done % steps_per_epoch == 0
-      if log_now or save_now or epoch_end:
-        _check_finite(state, done)
-      if log_now:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.time() - t0 if t0 else 0.0
-        m["samples_per_s"] = t_steps * config.batch_size / max(elapsed, 1e-9)
-        m["epoch"] = step / steps_per_epoch
-        eta = (total_steps - done) * elapsed / max(t_steps, 1)
-        logging.info("step %d/%d epoch %.2f loss %.4f (s2c %.4f s2s %.4f) lr %.4g t %.4f "
-                     "%.1f img/s ETA %.0fs", done, total_steps, m["epoch"], m["loss"],
-                     m["s2c"], m["s2s"], m["lr"], m["threshold_t"], m["samples_per_s"], eta)
-        writer.write(done, m)
-        last = m
-      if eval_sets and (done % config.eval.every_steps == 0 or done == total_steps):
-        results = evaluate(config, graphdef, rng_state, state, eval_sets)
-        logging.info("step %d %s", done, results)
-        writer.write(done, results)
-        last.update(results)
-      if save_now or epoch_end:
-        ckpt.save(done, state, data_iterator=data, config=config, force=epoch_end)
-      if done == config.debug.signal_after_step:
-        # The drill (configs/default.py, "debug"): a preemption or crash at a known step. The
-        # saves finish first, so what the signal finds on disk is the same on any machine;
-        # raise_signal runs the Python handler (``_Preemption``'s) before it returns.
-        ckpt.wait()
-        signal.raise_signal(getattr(signal, config.debug.signal))
-      if preemption.reached(done):
-        logging.warning("preemption requested: saving step %d and stopping", done)
-        _check_finite(state, done)
-        ckpt.save(done, state, data_iterator=data, config=config, force=True)
-        break
+    with run_control.Preemption() as preemption:
+      for step in range(run.start_step, run.total_steps):
+        batch = next(data)
+        batch = Batch(*parallel.global_batch((batch["image"], batch["label"], batch["flip"]),
+                                             run.mesh))
+        step_fn = run.head_step if step < config.init.head_only_steps else run.train_step
+        state, metrics = step_fn(state, batch)
+        in_flight.push(metrics["loss"])
+        timer.step_done(metrics["loss"])
+        done = step + 1
+        log_now = itstime(done, config.log_every_steps, run.total_steps)
+        save_now = itstime(done, config.checkpoint_every_steps, run.total_steps)
+        epoch_end = itstime(done, run.steps_per_epoch, run.total_steps)
+        if log_now or save_now or epoch_end:
+          _check_finite(state, done)
+        if log_now:
+          last = _log_metrics(metrics, done, run, timer, writer)
+        if eval_sets and itstime(done, config.eval.every_steps, run.total_steps):
+          results = evaluate(config, run.graphdef, run.rng_state, state, eval_sets)
+          logging.info("step %d %s", done, results)
+          writer.write(done, results)
+          last.update(results)
+        if save_now or epoch_end:
+          ckpt.save(done, state, data_iterator=data, config=config,
+                    force=epoch_end)
+        if done == config.debug.signal_after_step:
+          # The drill (configs/default.py, "debug"): a preemption or crash at a known step.
+          # The saves finish first, so what the signal finds on disk is the same on any
+          # machine; raise_signal runs the Python handler (``Preemption``'s) before it
+          # returns.
+          ckpt.wait()
+          signal.raise_signal(getattr(signal, config.debug.signal))
+        if preemption.reached(done):
+          logging.warning("preemption requested: saving step %d and stopping", done)
+          _check_finite(state, done)
+          ckpt.save(done, state, data_iterator=data, config=config, force=True)
+          break
   except BaseException:
     # Stopping on an error (a failed write, NaN, a signal): what can still be finished is,
     # and a second failure while at it (the storage that failed fails again) is logged, not
@@ -479,13 +558,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("while stopping: %s", checkpoint_lib.first_line(e))
     raise
-  else:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    data.close()
-  finally:
-    preemption.restore()
+  for close in (ckpt.wait, ckpt.close, writer.close, data.close):
+    close()
   for name, value in at_start.items():
     if name in last:
       logging.info("%s: %.4f with the initial weights, %.4f after training", name, value,
@@ -493,8 +567,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   return last
 
 
-def _check_finite(state, step: int) -> None:
-  bad = int(state["first_nonfinite_step"])
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+  """Trains (resuming from WORKDIR's latest checkpoint) and returns the last metrics."""
+  return loop(setup(config, workdir))
+
+
+class _Throughput:
+  """img/s and the ETA, from the end of the first (compiling) step."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size, self.start, self.steps = batch_size, None, 0
+
+  def step_done(self, output: jax.Array) -> None:
+    if self.start is None:
+      jax.block_until_ready(output)
+      self.start = time.time()
+    else:
+      self.steps += 1
+
+  def rate_and_eta(self, steps_left: int) -> tuple[float, float]:
+    elapsed = time.time() - self.start if self.start else 0.0
+    return (self.steps * self.batch_size / max(elapsed, 1e-9),
+            steps_left * elapsed / max(self.steps, 1))
+
+
+def _log_metrics(metrics, done: int, run: Run, timer: _Throughput, writer) -> dict:
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  m["samples_per_s"], eta = timer.rate_and_eta(run.total_steps - done)
+  m["epoch"] = (done - 1) / run.steps_per_epoch
+  logging.info("step %d/%d epoch %.2f loss %.4f (s2c %.4f s2s %.4f) lr %.4g t %.4f "
+               "%.1f img/s ETA %.0fs", done, run.total_steps, m["epoch"], m["loss"],
+               m["s2c"], m["s2s"], m["lr"], m["threshold_t"], m["samples_per_s"], eta)
+  writer.write(done, m)
+  return m
+
+
+def _check_finite(state: TrainState, step: int) -> None:
+  bad = int(state.first_nonfinite_step)
   if bad >= 0:
     raise NonFiniteLossError(
         f"the loss or gradient norm became NaN/inf at step {bad + 1} (checked at step {step}); "

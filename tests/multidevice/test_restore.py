@@ -42,10 +42,10 @@ NEXT = 3
 UNSEEN = (8, 9)  # no example of these classes before the checkpoint
 
 # The arrays split over the devices by class rows, padded to a multiple of the device count.
-CLASS_ROWS = ("['params']['head'].w", "['params']['head'].class_bias",
-              "['head_buffers'].memory", "['head_buffers'].seen",
-              "['opt_state'][2][0].trace['head'].w",
-              "['opt_state'][2][0].trace['head'].class_bias")
+CLASS_ROWS = (".params['head'].w", ".params['head'].class_bias",
+              ".head_buffers.memory", ".head_buffers.seen",
+              ".opt_state[2][0].trace['head'].w",
+              ".opt_state[2][0].trace['head'].class_bias")
 
 on_each_restoring_count = pytest.mark.parametrize("n", RESTORING, ids=lambda n: f"n={n}")
 
@@ -83,7 +83,7 @@ def _flat(state):
 def _train(step, state, batches, mesh):
   metrics = []
   for batch in batches:
-    state, m = step(state, *parallel.global_batch(batch, mesh))
+    state, m = step(state, train.Batch(*parallel.global_batch(batch, mesh)))
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -99,11 +99,11 @@ def runs(tmp_path_factory):
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
   # USS leaves the class biases (an s2s BCE parameter) at zero; distinct values make a row
   # of a 1-D class-sharded array that moves or goes missing show.
-  head = state["params"]["head"]
+  head = state.params["head"]
   values = jnp.where(jnp.arange(head.class_bias.shape[0]) < C,
                      jnp.arange(1.0, head.class_bias.shape[0] + 1.0), 0.0)
-  state["params"]["head"] = head._replace(
-      class_bias=jax.device_put(values, head.class_bias.sharding))
+  state = state._replace(params={**state.params, "head": head._replace(
+      class_bias=jax.device_put(values, head.class_bias.sharding))})
   step = train.make_train_step(config, mesh, graphdef, rng_state, tx, STEPS_PER_EPOCH)
   state, _ = _train(step, state, batches[:SAVED_AT], mesh)
   ckpt = checkpoint.Checkpoints(tmp_path_factory.mktemp("saved_on_4"), every_steps=1, keep=1,
@@ -138,12 +138,12 @@ def test_saved_state_is_the_scenario(runs):
   """b initialised, classes 8 and 9 unseen, every class row in use: the restores below
   compare rows that hold something."""
   saved = runs["saved"]
-  assert int(saved["['step']"]) == SAVED_AT
-  assert bool(saved["['head_buffers'].initialized"]) and saved["['params']['head'].bias"] != 0
-  seen = saved["['head_buffers'].seen"]
+  assert int(saved[".step"]) == SAVED_AT
+  assert bool(saved[".head_buffers.initialized"]) and saved[".params['head'].bias"] != 0
+  seen = saved[".head_buffers.seen"]
   assert seen.shape == (parallel.padded_classes(C, SAVING),) == (12,)
   np.testing.assert_array_equal(seen[:C], ~np.isin(np.arange(C), UNSEEN))
-  memory = saved["['head_buffers'].memory"]
+  memory = saved[".head_buffers.memory"]
   assert np.all(np.abs(memory[:C]).sum(1)[seen[:C]] > 0)
   for name in CLASS_ROWS:
     if name.endswith((".w", ".class_bias")):
@@ -206,18 +206,18 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
     for key in ("loss", "s2c", "s2s", "threshold_t", "grad_norm"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=f"next step {t} {key}")
   compared = [name for name in want_state
-              if name.startswith(("['params']", "['model_state']", "['head_buffers'].memory"))]
-  assert "['params']['head'].w" in compared and len(compared) > 100
+              if name.startswith((".params", ".model_state", ".head_buffers.memory"))]
+  assert ".params['head'].w" in compared and len(compared) > 100
   for name in compared:
     got_value, want_value = got_state[name], want_state[name]
     if name in CLASS_ROWS:
       got_value, want_value = got_value[:C], want_value[:C]
     floor = max(1e-3 * float(np.max(np.abs(want_value))), 1e-6)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-3, atol=floor, err_msg=name)
-  for name in ("['step']", "['head_buffers'].initialized"):
+  for name in (".step", ".head_buffers.initialized"):
     np.testing.assert_array_equal(got_state[name], want_state[name], err_msg=name)
-  np.testing.assert_array_equal(got_state["['head_buffers'].seen"][:C],
-                                want_state["['head_buffers'].seen"][:C])
+  np.testing.assert_array_equal(got_state[".head_buffers.seen"][:C],
+                                want_state[".head_buffers.seen"][:C])
 
 
 def test_restore_refuses_a_replicated_array_whose_shape_changed(tmp_path):

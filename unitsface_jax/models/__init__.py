@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitsface_jax.models.iresnet import IResNet
-from unitsface_jax.models.layers import BatchNorm, Frozen, PReLU
+from unitsface_jax.models.layers import BatchNorm, Frozen, IRTrunk, PReLU
 from unitsface_jax.models.lresnet_eir import LResNetEIR
 from unitsface_jax.models.mobilefacenet import MobileFaceNet
 from unitsface_jax.models.summary import count_params, macs_per_image, summary
@@ -94,6 +94,14 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
                          **kwargs)
 
 
+REMAT_ERROR = "rematerialisation is implemented for the IR-ResNet trunks (iresnet*, lresnet*_eir),"
+
+
+def supports_remat(name: str) -> bool:
+  """Whether ``config.model.remat`` applies to the backbone ``name`` (an IR-ResNet trunk)."""
+  return name.startswith(("iresnet", "lresnet"))
+
+
 def width_error(name: str, width: int) -> str | None:
   """Why ``create(name, width=width)`` would fail (None when it builds)."""
   if width < 1:
@@ -108,12 +116,17 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
   """The backbone a run's ``config.model`` describes, initialised from ``key`` (parameters
   and dropout stream). A config without ``width`` (written before the field existed) means
   the published width, 64."""
-  return create(model_config.name, rngs=nnx.Rngs(params=key, dropout=key),
-                dtype=model_config.dtype, dropout=model_config.dropout,
-                num_features=model_config.num_features,
-                width=model_config.get("width", 64))
+  model = create(model_config.name, rngs=nnx.Rngs(params=key, dropout=key),
+                 dtype=model_config.dtype, dropout=model_config.dropout,
+                 num_features=model_config.num_features,
+                 width=model_config.get("width", 64))
+  if model_config.get("remat", False):
+    if not isinstance(model, IRTrunk):
+      raise ValueError(f"model.remat: {REMAT_ERROR} not {model_config.name!r}")
+    model.remat = True
+  return model
 
 
 __all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR",
            "MobileFaceNet", "PReLU", "VisionTransformer", "count_params", "create", "list_models",
-           "macs_per_image", "summary", "width_error"]
+           "macs_per_image", "summary", "supports_remat", "width_error"]

@@ -203,10 +203,20 @@ class IRTrunk(nnx.Module):
       raise ValueError(f"{type(self).__name__} expects NHWC [N, 112, 112, 3] input, got shape "
                        f"{x.shape}")
     x = self.prelu(self.bn1(self.conv1(x.astype(self.dtype))))
+    run = _run_block
+    if getattr(self, "remat", False):
+      # Rematerialisation: the backward pass recomputes each block's activations from its
+      # input instead of keeping them (one more forward pass of FLOPs, the activations of one
+      # block live at a time).
+      run = nnx.remat(_run_block)
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
-        x = block(x)
+        x = run(block, x)
     return x
+
+
+def _run_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+  return block(x)
 
 
 def residual(out: jax.Array, x: jax.Array, downsample) -> jax.Array:
