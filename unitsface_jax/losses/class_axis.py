@@ -143,6 +143,17 @@ def threshold_softmax_negative(cos: jax.Array, target: jax.Array, mask: jax.Arra
   return jax.nn.softplus(lse)
 
 
+def target_cosine(cos: jax.Array, target: jax.Array) -> jax.Array:
+  """Each row's cosine to its own class among the local columns [B] (0 where this shard does
+  not hold the row's class, whose logits then keep ``cos``).
+
+  A margin on the target (ArcFace's cos(θ + m), the combined margin, AdaFace's, MagFace's)
+  computed from this costs [B] values, not another [B, C_local] block and the blocks its
+  backward pass keeps: ``jnp.where(target, margin(target_cosine(c, target))[:, None], c)``.
+  """
+  return jnp.sum(jnp.where(target, cos, 0.0), axis=-1)
+
+
 def arc_target_logit(cos: jax.Array, margin: float) -> jax.Array:
   """cos(θ + m) for θ = arccos(cos), computed as cos·cos m − sin θ·sin m.
 

@@ -62,14 +62,15 @@ def combined_margin_logits(cos: jax.Array, target: jax.Array, *, scale: float, m
   (d logit/d cos = s), as arcface_torch's in-place edit under ``torch.no_grad`` does.
   """
   c = class_axis.clip_through(cos, -1.0, 1.0)
+  c_y = class_axis.target_cosine(c, target)
   if m1 == 1.0:
-    arc = class_axis.arc_target_logit(c, m2)
+    arc = class_axis.arc_target_logit(c_y, m2)
   else:
-    arc = jnp.cos(m1 * _safe_arccos(c) + m2)
+    arc = jnp.cos(m1 * _safe_arccos(c_y) + m2)
   arc = arc - m3
   if straight_through:
-    arc = c + jax.lax.stop_gradient(arc - c)
-  return scale * jnp.where(target, arc, c)
+    arc = c_y + jax.lax.stop_gradient(arc - c_y)
+  return scale * jnp.where(target, arc[:, None], c)
 
 
 # ------------------------------------------------------------------------------------- AdaFace
@@ -128,11 +129,13 @@ def adaface_logits(cos: jax.Array, target: jax.Array, norms: jax.Array, batch_me
   safe = jax.lax.stop_gradient(jnp.clip(norms, 0.001, 100.0))
   scaler = (safe - batch_mean) / (batch_std + eps) * h
   scaler = jax.lax.stop_gradient(jnp.clip(scaler, -1.0, 1.0))[:, None]
-  theta = jnp.arccos(c)
-  theta_m = class_axis.clip_through(theta + jnp.where(target, -margin * scaler, 0.0), eps,
-                                    math.pi - eps)
-  logits = jnp.cos(theta_m) - jnp.where(target, margin + margin * scaler, 0.0)
-  return scale * logits
+  # Off the target, cos(θ) with θ already inside [ε, π − ε] is c itself: only the target
+  # column's angle is computed (class_axis.target_cosine).
+  scaler = scaler[:, 0]
+  theta_m = class_axis.clip_through(jnp.arccos(class_axis.target_cosine(c, target))
+                                    - margin * scaler, eps, math.pi - eps)
+  target_logit = jnp.cos(theta_m) - (margin + margin * scaler)
+  return scale * jnp.where(target, target_logit[:, None], c)
 
 
 # ------------------------------------------------------------------------------ CurricularFace
@@ -212,13 +215,14 @@ def magface_logits(cos: jax.Array, target: jax.Array, norms: jax.Array, *, scale
   cos = ±1.
   """
   c = class_axis.clip_through(cos, -1.0, 1.0)
-  m = magface_margin(norms, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m)[:, None]
-  sin_sq = 1.0 - c * c
+  c_y = class_axis.target_cosine(c, target)
+  m = magface_margin(norms, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m)
+  sin_sq = 1.0 - c_y * c_y
   positive = sin_sq > 0
   sin_theta = jnp.where(positive, jnp.sqrt(jnp.where(positive, sin_sq, 1.0)), 0.0)
-  arc = c * jnp.cos(m) - sin_theta * jnp.sin(m)
-  arc = jnp.where(c > 0, arc, c)
-  return scale * jnp.where(target, arc, c)
+  arc = c_y * jnp.cos(m) - sin_theta * jnp.sin(m)
+  arc = jnp.where(c_y > 0, arc, c_y)
+  return scale * jnp.where(target, arc[:, None], c)
 
 
 # ------------------------------------------------------------------- single-device per-sample

@@ -40,10 +40,11 @@ def arcface_logits(cos: jax.Array, target: jax.Array, *, scale: float, margin: f
   insightface's in-place logit edit effectively does for the target's derivative, so that
   d loss/d cos = s·(softmax − onehot).
   """
-  arc = class_axis.arc_target_logit(cos, margin)
+  cos_y = class_axis.target_cosine(cos, target)
+  arc = class_axis.arc_target_logit(cos_y, margin)
   if straight_through:
-    arc = cos + jax.lax.stop_gradient(arc - cos)
-  return scale * jnp.where(target, arc, cos)
+    arc = cos_y + jax.lax.stop_gradient(arc - cos_y)
+  return scale * jnp.where(target, arc[:, None], cos)
 
 
 def arcface(cos: jax.Array, labels: jax.Array, *, scale: float = 64.0, margin: float = 0.5,
