@@ -16,7 +16,7 @@ r = 0.1; issue 4) or ``--dataset=wf42m`` (C = 2,059,906, global batch 4096 as
 
 Usage (from the repository root):
   python benchmarks/head.py [--dataset glint360k|wf42m] [--steps 3] [--skip_full_step_time]
-  python benchmarks/head.py --losses [--steps 3]
+  python benchmarks/head.py --losses [--steps 3]   (--steps 0: memory only, no timing)
 Writes a Markdown section to stdout; paste it into BENCHMARKS.md.
 """
 
@@ -169,7 +169,7 @@ def losses_table(steps):
     sampled = head.HeadConfig(NUM_CLASSES, DIM, s2c_loss=name, sample_rate=0.1)
     row = (per_device_bytes(compile_step(full, mesh8))[0],
            per_device_bytes(compile_step(sampled, mesh8))[0],
-           time_step(sampled, mesh8, steps)[0])
+           time_step(sampled, mesh8, steps)[0] if steps else float("nan"))
     base = base or row
     print(f"| {name} | {row[0] / GIB:.3f} | {row[0] / base[0]:.3f} | {row[1] / GIB:.3f} | "
           f"{row[1] / base[1]:.3f} | {row[2]:.2f} | {row[2] / base[2]:.2f} |", flush=True)

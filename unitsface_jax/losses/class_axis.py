@@ -8,6 +8,7 @@ the identity (their local classes are all the classes); the class-sharded head p
 here knows about devices or meshes.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -31,14 +32,28 @@ def as_compute(x, dtype) -> jax.Array:
   return jnp.asarray(x).astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def clip_through(x: jax.Array, lo: float, hi: float) -> jax.Array:
   """clip(x, lo, hi) whose gradient is 1 on the closed interval and 0 outside.
 
   ``jnp.clip`` gives a gradient of 1/2 exactly at a bound (a tie in min/max); the reference
   implementations (PyTorch ``clamp``) pass the gradient through at the bound, so we do too.
+  The backward pass keeps only the bool mask of the interval (a custom VJP), not ``x``: on a
+  [B, C/n] block of cosines that is a quarter of a float32 block.
   """
-  inside = (x >= lo) & (x <= hi)
-  return jnp.where(inside, x, jnp.clip(x, lo, hi))
+  return jnp.clip(x, lo, hi)
+
+
+def _clip_through_fwd(x, lo, hi):
+  return jnp.clip(x, lo, hi), (x >= lo) & (x <= hi)
+
+
+def _clip_through_bwd(lo, hi, inside, g):
+  del lo, hi
+  return (jnp.where(inside, g, jnp.zeros_like(g)),)
+
+
+clip_through.defvjp(_clip_through_fwd, _clip_through_bwd)
 
 
 def masked_logsumexp(logits: jax.Array, mask: jax.Array, *,
