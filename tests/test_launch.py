@@ -27,10 +27,32 @@ def dry_run(script, *args, **env):
 def test_tpu_pod_dry_run_installs_the_tpu_extra_then_trains(how):
   lines = dry_run("tpu_pod.sh", *how, "my-tpu", "us-central2-b", *POD_ARGS,
                   **({} if how else {"DRY_RUN": "1"}))
-  assert lines == ["every worker of TPU my-tpu (zone us-central2-b) runs:",
+  assert lines == ["this machine checks first (exit 2: the config does not fit the slice):",
+                   "  python -m unitsface_jax.plan --topology=TOPOLOGY "
+                   "--config=configs/glint_r100.py --config.data.path=gs://b/glint360k",
+                   "every worker of TPU my-tpu (zone us-central2-b) runs:",
                    "  cd ~/unitsface_jax",
                    "  python -m pip install -e '.[tpu]'",
                    f"  {POD_MAIN}"]
+  lines = dry_run("tpu_pod.sh", "--dry_run", "my-tpu", "z", *POD_ARGS, TOPOLOGY="v5p:2x4x4")
+  assert lines[1].startswith("  python -m unitsface_jax.plan --topology=v5p:2x4x4 ")
+  assert dry_run("tpu_pod.sh", "--dry_run", "my-tpu", "z", *POD_ARGS, PLAN="0")[0] == (
+      "every worker of TPU my-tpu (zone z) runs:")
+
+
+@pytest.mark.slow
+def test_tpu_pod_stops_before_any_worker_when_the_config_does_not_fit():
+  """The plan refuses the config (a head of 200M classes on a v5e:2x2) on this machine: exit
+  2 with its one error line, and gcloud (not installed here) is never reached."""
+  proc = subprocess.run(
+      ["bash", str(LAUNCH / "tpu_pod.sh"), "my-tpu", "z", "--config=configs/demo.py:smoke",
+       "--config.data.num_classes=200000000", "--workdir=gs://b/runs/x"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, TOPOLOGY="v5e:2x2", INSTALL="0", PYTHONPATH=str(ROOT)))
+  assert proc.returncode == 2, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "needs" in errors[0] and "v5e:2x2" in errors[0], proc.stderr
+  assert "gcloud" not in proc.stderr
 
 
 def test_slurm_dry_run_installs_the_gcs_extra_only_for_gs_paths():

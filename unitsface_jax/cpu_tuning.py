@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import importlib.metadata
 import importlib.util
 import logging
@@ -153,11 +154,48 @@ def _add_xla_flags(environ: MutableMapping[str, str]) -> tuple[list[str], str]:
   return added, "" if added else "already set"
 
 
-def _accelerator_plugin_installed() -> bool:
-  """Whether a GPU/TPU PJRT plugin is installed, found without initialising JAX."""
-  if importlib.util.find_spec("libtpu") is not None:
-    return True
-  # CUDA/ROCm plugins live in the jax_plugins namespace package or register an entry point.
+# PCI vendor id of Google's TPU chips (what JAX's own TPU detection looks for in sysfs).
+_TPU_PCI_VENDOR = "0x1ae0"
+
+
+def skip_absent_tpu(environ: MutableMapping[str, str] | None = None) -> bool:
+  """Sets ``JAX_PLATFORMS=cpu`` when libtpu is installed but this host has no TPU chip.
+
+  libtpu (the ``plan`` extra, for compiling TPU programs on any machine) makes JAX try the
+  TPU first in every program, and on a host without one libtpu prints five lines of warnings
+  and a stack trace and costs ~0.6 s before JAX falls back to the CPU. The command lines call
+  this first (before :func:`enable`, which then sees a CPU run). Nothing changes when
+  ``JAX_PLATFORMS`` is set, JAX's backends are already up, a TPU chip is on the PCI bus, or a
+  GPU plugin is installed. Returns whether it set the variable.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_PLATFORMS", "").strip() or _backends_initialized():
+    return False
+  if importlib.util.find_spec("libtpu") is None or _tpu_chip_present():
+    return False
+  if _gpu_plugin_installed():
+    return False
+  environ["JAX_PLATFORMS"] = "cpu"
+  if environ is os.environ:
+    # jax.config read JAX_PLATFORMS when jax was imported (this module imports it).
+    jax.config.update("jax_platforms", "cpu")
+  return True
+
+
+def _tpu_chip_present() -> bool:
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor, encoding="ascii") as f:
+        if f.read().strip() == _TPU_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _gpu_plugin_installed() -> bool:
+  """Whether a CUDA/ROCm PJRT plugin is installed (the jax_plugins namespace package, or an
+  entry point of that group), found without initialising JAX."""
   spec = importlib.util.find_spec("jax_plugins")
   if spec is not None and spec.submodule_search_locations:
     if any(True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
@@ -166,6 +204,11 @@ def _accelerator_plugin_installed() -> bool:
     return bool(list(importlib.metadata.entry_points(group="jax_plugins")))
   except Exception:  # pylint: disable=broad-except
     return False
+
+
+def _accelerator_plugin_installed() -> bool:
+  """Whether a GPU/TPU PJRT plugin is installed, found without initialising JAX."""
+  return importlib.util.find_spec("libtpu") is not None or _gpu_plugin_installed()
 
 
 def _runs_on_cpu(environ: MutableMapping[str, str]) -> bool:

@@ -185,6 +185,7 @@ def _model_apply_fn() -> extract.ApplyFn:
 def main(argv) -> int:
   del argv
   # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
+  cpu_tuning.skip_absent_tpu()  # before JAX starts: no TPU probe without a TPU
   if FLAGS.cpu_tuning:
     cpu_tuning.enable()
   from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top

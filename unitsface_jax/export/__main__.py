@@ -35,6 +35,7 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
+  cpu_tuning.skip_absent_tpu()  # before JAX starts: no TPU probe without a TPU
   if _CPU_TUNING.value:
     cpu_tuning.enable()
   from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
