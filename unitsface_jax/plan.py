@@ -252,13 +252,26 @@ def analytic_flops_per_device(config, num_devices: int) -> float:
   return 6.0 * macs * batch / num_devices + 8.0 * batch * k * config.model.num_features
 
 
+def make_mesh(devices):
+  """The mesh ``main`` builds (``parallel.make_mesh``: JAX orders the devices along the
+  torus). libtpu's compile-only v4 devices are TensorCores, two per chip, which JAX's mesh
+  builder refuses (it wants megacore, one device per chip): those keep libtpu's order."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import parallel  # pylint: disable=g-import-not-at-top
+  if len({getattr(d, "core_on_chip", 0) for d in devices}) == 1:
+    return parallel.make_mesh(devices=devices)
+  return jax.sharding.Mesh(np.asarray(devices), (parallel.DEVICE_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def compile_step(config, devices):
   """(compiled train step, abstract state) of ``config`` on a mesh of ``devices``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from unitsface_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
   from unitsface_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(devices=devices)
+  mesh = make_mesh(devices)
   steps_per_epoch = max(pipeline.steps_per_epoch(config.data.num_images, config.batch_size), 1)
   tx = optim.make(config, steps_per_epoch)
   graphdef, rng_shapes, state = train.abstract_state(config, mesh, tx)
@@ -287,8 +300,8 @@ def check_layout(config, devices, topology: str) -> tuple[int, int]:
 
 def abstract_state_breakdown(config, devices) -> dict[str, int]:
   """``state_breakdown`` of the abstract train state on a mesh of ``devices`` (no compile)."""
-  from unitsface_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(devices=devices)
+  from unitsface_jax import optim, train  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh(devices)
   _, _, state = train.abstract_state(config, mesh, optim.make(config, 1))
   return state_breakdown(state)
 

@@ -192,7 +192,10 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
   the device count up to the order of float reductions (batch sums of the BN statistics and
   gradients, the head's psums). Three steps of SGD at a gradient norm of hundreds (clipped
   to 10) amplify that rounding to at most ~4e-5 relative in the logged values and ~2e-4 of
-  a weight array's largest entry (on 3 devices; ~2e-5 on 2 and 8), hence 2e-4 and 1e-3.
+  a weight array's largest entry (on 3 devices; ~2e-5 on 2 and 8, on an AMD EPYC), hence
+  1e-3 for the weights. On an Intel Xeon (AVX-512) with XLA at -O0 (as test_checkpoint.py
+  runs this file) the gradient norm of the third step differed by 3.4e-4 on 8 devices, the
+  same with the code before the train step's rewrite, hence 5e-4 for the logged values.
   Arrays that are zero in exact arithmetic (the running mean of a normalised activation)
   hold rounding noise of ~2e-7, hence an absolute floor of 1e-6. The momentum is left out:
   it is mostly the last step's gradient, whose elements differ by up to ~3e-3 of the
@@ -204,7 +207,7 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
   for t, (a, b) in enumerate(zip(got, want)):
     assert int(a["data_fingerprint"]) == int(b["data_fingerprint"]), t
     for key in ("loss", "s2c", "s2s", "threshold_t", "grad_norm"):
-      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=f"next step {t} {key}")
+      np.testing.assert_allclose(a[key], b[key], rtol=5e-4, err_msg=f"next step {t} {key}")
   compared = [name for name in want_state
               if name.startswith((".params", ".model_state", ".head_buffers.memory"))]
   assert ".params['head'].w" in compared and len(compared) > 100
