@@ -194,8 +194,11 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
   to 10) amplify that rounding to at most ~4e-5 relative in the logged values and ~2e-4 of
   a weight array's largest entry (on 3 devices; ~2e-5 on 2 and 8, on an AMD EPYC), hence
   1e-3 for the weights. On an Intel Xeon (AVX-512) with XLA at -O0 (as test_checkpoint.py
-  runs this file) the gradient norm of the third step differed by 3.4e-4 on 8 devices, the
-  same with the code before the train step's rewrite, hence 5e-4 for the logged values.
+  runs this file) the same code (before and after the train step's rewrite) differed more on
+  8 devices: 3.4e-4 in the third step's gradient norm, and up to 1.7e-2 of a BatchNorm
+  bias's own largest entry (8.6e-5, small beside the backbone's largest weight), hence 5e-4
+  for the logged values and, for the backbone's parameters, the floor taken from the largest
+  weight of the backbone (a row restored to the wrong place differs by the array's scale).
   Arrays that are zero in exact arithmetic (the running mean of a normalised activation)
   hold rounding noise of ~2e-7, hence an absolute floor of 1e-6. The momentum is left out:
   it is mostly the last step's gradient, whose elements differ by up to ~3e-3 of the
@@ -211,11 +214,18 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
   compared = [name for name in want_state
               if name.startswith((".params", ".model_state", ".head_buffers.memory"))]
   assert ".params['head'].w" in compared and len(compared) > 100
+  # The backbone's parameters share one scale (its largest weight): a BatchNorm bias is a
+  # sum of many gradient terms of both signs, and its small entries carry the whole net's
+  # rounding (as test_step_reference.py scales all backbone tensors together).
+  backbone_scale = max(float(np.max(np.abs(want_state[name]))) for name in compared
+                       if name.startswith(".params['backbone']"))
   for name in compared:
     got_value, want_value = got_state[name], want_state[name]
     if name in CLASS_ROWS:
       got_value, want_value = got_value[:C], want_value[:C]
-    floor = max(1e-3 * float(np.max(np.abs(want_value))), 1e-6)
+    scale = (backbone_scale if name.startswith(".params['backbone']")
+             else float(np.max(np.abs(want_value))))
+    floor = max(1e-3 * scale, 1e-6)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-3, atol=floor, err_msg=name)
   for name in (".step", ".head_buffers.initialized"):
     np.testing.assert_array_equal(got_state[name], want_state[name], err_msg=name)
