@@ -172,3 +172,49 @@ def test_cpu_commands_stay_quiet_with_libtpu_installed(tmp_path):
                   "--config.compilation_cache=False", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not any(noise in proc.stderr for noise in LIBTPU_NOISE), proc.stderr[-3000:]
+
+
+def test_a_step_that_does_not_fit_names_the_levers_that_do(monkeypatch, capsys):
+  """The refusal and the levers around the compile (``plan.plan`` replaced by a model of it
+  that fits once the per-chip batch is halved or W and M are bfloat16)."""
+  config = demo.get_config("smoke")
+
+  def fake_plan(c, topology, hlo_path=None):
+    del hlo_path
+    if c.batch_size % 4:
+      raise plan.PlanError(f"config.batch_size = {c.batch_size} does not divide over 4")
+    fits = c.batch_size <= 4 or c.loss.head_dtype == "bfloat16"
+    return {"topology": topology, "generation": "v5e", "chips": 4, "hosts": 1, "devices": 4,
+            "devices_per_chip": 1, "batch_size": c.batch_size,
+            "batch_per_host": c.batch_size, "batch_per_chip": c.batch_size / 4,
+            "grad_accum_steps": c.optimizer.grad_accum_steps, "compiled": False,
+            "fits": fits, "hbm_bytes_per_chip": (10 if fits else 20) * plan.GIB,
+            "hbm_capacity_bytes": 16 * plan.GIB, "hbm_usable_bytes": int(14.4 * plan.GIB),
+            "hbm_breakdown_bytes": {}}
+
+  monkeypatch.setattr(plan, "plan", fake_plan)
+  status, result = plan.run(config, "v5e:2x2")
+  assert status == 2 and not result["fits"]
+  out, err = capsys.readouterr()
+  assert err.strip().splitlines() == [
+      "error: the config needs 20.00 GiB of HBM per chip on v5e:2x2, 14.40 GiB usable of 16"]
+  fitting = {x["flags"] for x in result["levers"] if x["fits"]}
+  # Batch 8 over 4 chips: halving fits; a quarter (2 images for 4 chips) does not split.
+  assert fitting == {"--config.batch_size=4 --config.optimizer.grad_accum_steps=2 (same "
+                     "global batch)", "--config.loss.head_dtype=bfloat16"}
+  assert "fits with: " in out and "--config.loss.head_dtype=bfloat16" in out.splitlines()[-1]
+  assert not any(x["flags"].startswith("--config.model.remat") and x["fits"]
+                 for x in result["levers"])
+
+
+@pytest.mark.slow
+def test_a_missing_libtpu_is_one_line_naming_the_extra(tmp_path):
+  (tmp_path / "libtpu.py").write_text("raise ImportError('no libtpu here')\n")
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+  env.pop("JAX_PLATFORMS", None)
+  proc = subprocess.run([sys.executable, "-m", "unitsface_jax.plan",
+                         "--config=configs/demo.py:smoke", "--topology=v5e:2x2"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "pip install -e '.[plan]'" in lines[0], proc.stderr
