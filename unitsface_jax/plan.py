@@ -324,21 +324,21 @@ def plan(config, topology: str, *, hlo_path: str | None = None) -> dict[str, Any
             "grad_accum_steps": config.optimizer.grad_accum_steps,
             "hbm_capacity_bytes": chip.hbm_bytes,
             "hbm_usable_bytes": int(chip.hbm_bytes * (1 - HBM_MARGIN))}
-  state_bytes = sum(abstract_state_breakdown(config, devices).values()) * devices_per_chip
-  if state_bytes > common["hbm_usable_bytes"]:
+  state_bytes = {k: v * devices_per_chip
+                 for k, v in abstract_state_breakdown(config, devices).items()}
+  if sum(state_bytes.values()) > common["hbm_usable_bytes"]:
     # The state alone does not fit: no need to compile to know.
-    return {**common, "compiled": False, "fits": False, "hbm_bytes_per_chip": state_bytes,
-            "hbm_breakdown_bytes": {k: v * devices_per_chip for k, v in
-                                    abstract_state_breakdown(config, devices).items()}}
+    return {**common, "compiled": False, "fits": False,
+            "hbm_bytes_per_chip": sum(state_bytes.values()), "hbm_breakdown_bytes": state_bytes}
   start = time.perf_counter()
   compiled, state = compile_step(config, devices)
   compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
   if hlo_path:
     with open(hlo_path, "w", encoding="utf-8") as f:
-      f.write(compiled.as_text())
+      f.write(hlo)
   memory = compiled.memory_analysis()
   cost = _cost(compiled)
-  hlo = compiled.as_text()
   sizes, counts, ici_per_device = collective_bytes(hlo, num_devices)
 
   per_chip = devices_per_chip  # a v4 compile-only device is one TensorCore, half a chip
