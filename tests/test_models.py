@@ -1,5 +1,7 @@
 """Backbones: architecture sizes, BatchNorm semantics, train/eval modes, dtypes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -343,3 +345,20 @@ def test_new_backbones_width():
   assert models.width_error("vit_t", 3) is not None and models.width_error("vit_t", 2) is None
   with pytest.raises(ValueError, match="divisible by the 8 heads"):
     models.create("vit_t", rngs=nnx.Rngs(0), width=3)
+
+
+def test_target_platform_traces_the_tpu_formulation_on_a_cpu_host():
+  """MobileFaceNet's depthwise convolutions are sums of taps on the CPU backend only; traced
+  for a TPU (the plan compiles TPU programs on a CPU host) they are grouped convolutions."""
+  model = models.create("mbf", rngs=nnx.Rngs(0), width=8, num_features=16)
+  model.eval()
+  x = jnp.zeros((1, 112, 112, 3), jnp.float32)
+
+  def grouped(jaxpr_text):
+    return sum(int(n) > 1 for n in re.findall(r"feature_group_count=(\d+)", jaxpr_text))
+
+  # Two functions: JAX's trace cache does not know the target (a program is traced for one).
+  on_cpu = str(jax.make_jaxpr(lambda v: model(v))(x))
+  with models.target_platform("tpu"):
+    for_tpu = str(jax.make_jaxpr(lambda v: model(v))(x))
+  assert grouped(on_cpu) == 0 and grouped(for_tpu) > 5, (grouped(on_cpu), grouped(for_tpu))

@@ -269,7 +269,7 @@ def compile_step(config, devices):
   """(compiled train step, abstract state) of ``config`` on a mesh of ``devices``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from unitsface_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from unitsface_jax import models, optim, parallel, train  # pylint: disable=g-import-not-at-top
   from unitsface_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   mesh = make_mesh(devices)
   steps_per_epoch = max(pipeline.steps_per_epoch(config.data.num_images, config.batch_size), 1)
@@ -281,7 +281,7 @@ def compile_step(config, devices):
   batch = train.Batch(jax.ShapeDtypeStruct((b, 112, 112, 3), jnp.uint8, sharding=rows),
                       jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
                       jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rows))
-  with _stderr_to_file():
+  with _stderr_to_file(), models.target_platform("tpu"):
     compiled = step.lower(state, batch).compile()
   return compiled, state
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitsface_jax.models.iresnet import IResNet
-from unitsface_jax.models.layers import BatchNorm, Frozen, IRTrunk, PReLU
+from unitsface_jax.models.layers import BatchNorm, Frozen, IRTrunk, PReLU, target_platform
 from unitsface_jax.models.lresnet_eir import LResNetEIR
 from unitsface_jax.models.mobilefacenet import MobileFaceNet
 from unitsface_jax.models.summary import count_params, macs_per_image, summary
@@ -129,4 +129,4 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
 
 __all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR",
            "MobileFaceNet", "PReLU", "VisionTransformer", "count_params", "create", "list_models",
-           "macs_per_image", "summary", "supports_remat", "width_error"]
+           "macs_per_image", "summary", "supports_remat", "target_platform", "width_error"]

@@ -103,10 +103,10 @@ class Conv(nnx.Conv):
   """
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    if (self.feature_group_count > 1 and out_sharding is None and _TAPS["on"]
-        and jax.default_backend() == "cpu"):
+    cpu = traced_for_cpu()
+    if self.feature_group_count > 1 and out_sharding is None and _TAPS["on"] and cpu:
       return _grouped_conv_taps(self, x)
-    if out_sharding is None and cpu_tuning.strided_conv_gradients_active():
+    if out_sharding is None and cpu and cpu_tuning.strided_conv_gradients_active():
       y = cpu_tuning.strided_conv(self, x)
       if y is not None:
         return y
@@ -116,6 +116,26 @@ class Conv(nnx.Conv):
 # Grouped convolutions on the CPU backend run as a sum over the kernel's taps (see
 # _grouped_conv_taps); models.summary turns this off to count their MACs from the conv.
 _TAPS = {"on": True}
+# The platform the model is traced for when it is not JAX's default backend (the TPU plan
+# traces on a CPU host for compile-only TPU devices): see ``target_platform``.
+_TARGET = {"platform": None}
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Traces the backbones for ``platform`` ("tpu", "gpu", "cpu") inside the block, whatever
+  JAX's default backend is: the CPU-only formulations (grouped convolutions as taps, the
+  strided-convolution gradients of ``cpu_tuning``) follow it, so a TPU program compiled on a
+  CPU host is the program a TPU host would build."""
+  previous, _TARGET["platform"] = _TARGET["platform"], platform
+  try:
+    yield
+  finally:
+    _TARGET["platform"] = previous
+
+
+def traced_for_cpu() -> bool:
+  return (_TARGET["platform"] or jax.default_backend()) == "cpu"
 
 
 @contextlib.contextmanager
