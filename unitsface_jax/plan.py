@@ -80,15 +80,16 @@ def parse_topology(name: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _stderr_to_file():
-  """Sends what C++ libraries write to fd 2 (libtpu's warnings about TPU_ACCELERATOR_TYPE and
-  TPU_WORKER_HOSTNAMES, and its stack trace, on a host without a TPU) to a file; yields a
-  function that reads it back (shown only when the call fails)."""
+  """Sends what C++ libraries write to fd 2 inside the block to a temporary file that is then
+  dropped: libtpu's warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES, and its
+  stack trace, on a host without a TPU. A failure still reaches the user as the Python
+  exception libtpu raises."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile(mode="w+b") as sink:
     os.dup2(sink.fileno(), 2)
     try:
-      yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+      yield
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
@@ -106,15 +107,13 @@ def topology_devices(generation: str, name: str) -> list:
   # number of plans (and test workers) may load it at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  with _stderr_to_file() as captured:
+  with _stderr_to_file():
     try:
       return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except Exception as e:  # pylint: disable=broad-except
       detail = " ".join(str(e).split())[:300]
       raise PlanError(f"--topology={name}: libtpu cannot describe this {generation} slice "
                       f"({detail})") from e
-    finally:
-      del captured
 
 
 # ==================================================================== reading the program
