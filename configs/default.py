@@ -6,6 +6,8 @@ of variants (``--config=configs/x.py:runlocal``), read with :func:`variants`.
 
 import ml_collections
 
+from unitsface_jax.losses import registry
+
 VARIANTS = ()
 
 
@@ -23,31 +25,23 @@ def variants(arg, known) -> set[str]:
 
 
 # One variant per sample-to-class loss family, each with the values of its reference
-# implementation (README.md, "Losses"): recipes accept them beside their own variants.
-LOSS_VARIANTS = ("combined", "adaface", "curricularface", "magface", "normbce", "uce")
+# implementation (README.md, "Losses"; each loss's file in unitsface_jax/losses/s2c/):
+# recipes accept them beside their own variants.
+LOSS_VARIANTS = tuple(registry.variants())
 
 
 def set_loss(config, names) -> None:
-  """Sets ``config.loss`` to the loss family named in ``names`` (at most one of
-  ``LOSS_VARIANTS``; none leaves the config's loss as it is)."""
-  chosen = sorted(set(names) & set(LOSS_VARIANTS))
+  """Sets ``config.loss`` to the loss family named in ``names`` (at most one of the
+  registry's variants; none leaves the config's loss as it is)."""
+  found = registry.variants()
+  chosen = sorted(set(names) & set(found))
   if len(chosen) > 1:
     raise ValueError(f"config variants {chosen} each choose a loss: pick one")
-  loss = config.loss
-  if "combined" in chosen:  # insightface recognition/arcface_mxnet's combined (1, 0.3, 0.2)
-    loss.s2c, loss.combined_m1, loss.combined_m2, loss.combined_m3 = "combined", 1.0, 0.3, 0.2
-  if "adaface" in chosen:  # mk-minchul/AdaFace scripts/run_ir50_ms1mv2.sh, config.py
-    loss.s2c, loss.s2c_margin = "adaface", 0.4
-    loss.adaface_h, loss.adaface_t_alpha = 0.333, 0.01
-  if "curricularface" in chosen:  # HuangYG123/CurricularFace head/metrics.py
-    loss.s2c, loss.s2c_margin, loss.curricular_alpha = "curricularface", 0.5, 0.01
-  if "magface" in chosen:  # IrvingMeng/MagFace run/run.sh
-    loss.s2c, loss.magface_l_a, loss.magface_u_a = "magface", 10.0, 110.0
-    loss.magface_l_m, loss.magface_u_m, loss.magface_lambda_g = 0.45, 0.8, 35.0
-  if "normbce" in chosen:  # CVI-SZU/UniTSFace head.py Normalized_BCE_Loss
-    loss.s2c, loss.s2c_margin = "normalized_bce", 0.4
-  if "uce" in chosen:  # CVI-SZU/UniTSFace head.py Unified_Cross_Entropy_Loss
-    loss.s2c, loss.s2c_margin = "uce", 0.4
+  for variant in chosen:
+    loss = found[variant]
+    config.loss.s2c = loss.name
+    for name, value in loss.variant_values.items():
+      config.loss[name] = value
 
 
 def get_config(arg=None):
@@ -92,27 +86,18 @@ def get_config(arg=None):
   config.data.shuffle_window = 16
 
   config.loss = ml_collections.ConfigDict()
-  # cosface | arcface | combined | adaface | curricularface | magface | normalized_bce | uce
-  # (README.md, "Losses"; the variants of configs/casia_r50.py set each one's reference values)
+  # A registered sample-to-class loss (README.md, "Losses"; unitsface_jax/losses/s2c/); the
+  # loss variants of the recipes set each one's reference values.
   config.loss.s2c = "cosface"
   config.loss.s2c_scale = 64.0
   config.loss.s2c_margin = 0.4  # m of cosface, arcface, adaface, curricularface, BCE, UCE
-  # combined: cos(m1·θ + m2) − m3; form "formula" | "arcface_torch" (its two branches only)
-  config.loss.combined_m1 = 1.0
-  config.loss.combined_m2 = 0.3
-  config.loss.combined_m3 = 0.2
-  config.loss.combined_form = "formula"
-  config.loss.adaface_h = 0.333
-  config.loss.adaface_t_alpha = 0.01  # EMA weight of the batch's norm mean and std
-  config.loss.curricular_alpha = 0.01  # EMA weight of t
-  config.loss.magface_l_a = 10.0  # feature norm range [l_a, u_a] -> margin range [l_m, u_m]
-  config.loss.magface_u_a = 110.0
-  config.loss.magface_l_m = 0.45
-  config.loss.magface_u_m = 0.8
-  config.loss.magface_lambda_g = 35.0
-  config.loss.s2s = "uss"  # uss | s2s_softmax | s2s_bce | none
+  config.loss.s2s = "uss"  # a registered sample-to-sample loss (unitsface_jax/losses/s2s/)
   config.loss.s2s_scale = 64.0
   config.loss.s2s_margin = 0.1
+  # Every registered loss's own options (combined_m1, adaface_h, uss_form, ...), each with its
+  # default and its meaning in the loss's file.
+  for name, value in registry.option_defaults().items():
+    config.loss[name] = value
   config.loss.uss_start_epoch = 1  # epoch 0 trains sample-to-class only, filling the memory
   config.loss.w_s2c = 1.0
   config.loss.w_s2s = 1.0

@@ -24,7 +24,7 @@ ALLOWED = {
     "data": {"storage"},
     "head": {"losses", "parallel"},
     "checkpoint": {"models", "parallel", "pytrees"},
-    "config_checks": {"head", "models"},
+    "config_checks": {"head", "losses", "models", "optim", "parallel", "run_control", "data"},
     "evaluation": {"data", "parallel"},
     "export": {"models"},
     "finetune": {"checkpoint", "export", "models"},

@@ -19,6 +19,7 @@ from configs import default
 from configs import demo
 from unitsface_jax import checkpoint
 from unitsface_jax import head
+from unitsface_jax import losses
 from unitsface_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -154,13 +155,17 @@ def test_main_refuses_a_loss_the_head_cannot_run(tmp_path):
 
 def test_every_loss_option_of_the_config_reaches_the_head():
   config = demo.get_config()
-  for i, name in enumerate(head.S2C_OPTIONS):
-    if name != "combined_form":
+  for i, (name, default) in enumerate(losses.registry.option_defaults().items()):
+    if isinstance(default, bool):
+      config.loss[name] = not default
+    elif not isinstance(default, str):
       config.loss[name] = 0.125 * (i + 1)
   config.loss.combined_form = "arcface_torch"
+  config.loss.uss_form = "paper"
   head_config = train.head_config(config)
-  for name in head.S2C_OPTIONS:
+  for name in losses.registry.option_defaults():
     assert getattr(head_config, name) == config.loss[name], name
+  assert set(head.S2C_OPTIONS) < set(losses.registry.option_defaults())
 
 
 def test_loss_state_starts_at_the_reference_values():

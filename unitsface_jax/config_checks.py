@@ -8,7 +8,6 @@ meaningless (a negative batch, an unknown model, a margin outside its range);
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 
@@ -17,16 +16,11 @@ from etils import epath
 
 from unitsface_jax import head
 from unitsface_jax import models
-
-# The sample-to-class losses the class-sharded head computes.
-S2C_LOSSES = head.S2C_LOSSES
-S2S_LOSSES = ("uss", "s2s_softmax", "s2s_bce", "none")
-SCHEDULES = ("multistep", "polynomial")
-OPTIMIZERS = ("sgd", "adamw")
-SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
-BN_STATS = ("global", "per_device")
-HEAD_DTYPES = ("float32", "bfloat16")
-DRILL_SIGNALS = ("SIGTERM", "SIGKILL", "SIGSTOP")
+from unitsface_jax import optim
+from unitsface_jax import parallel
+from unitsface_jax import run_control
+from unitsface_jax.data import sources
+from unitsface_jax.losses import registry
 
 
 class ConfigError(ValueError):
@@ -54,12 +48,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(width_error is None, "model.width", c.model.width, width_error)
   _require(not c.model.get("remat", False) or models.supports_remat(c.model.name),
            "model.remat", c.model.get("remat", False), f"{models.REMAT_ERROR} not {c.model.name}")
-  _require(c.model.bn_stats in BN_STATS, "model.bn_stats", c.model.bn_stats,
-           f"must be one of {BN_STATS}")
+  _require(c.model.bn_stats in parallel.BN_STATS, "model.bn_stats", c.model.bn_stats,
+           f"must be one of {parallel.BN_STATS}")
   _require(c.num_devices >= 0, "num_devices", c.num_devices, "must be >= 0 (0: all)")
-  _require(c.loss.head_dtype in HEAD_DTYPES, "loss.head_dtype", c.loss.head_dtype,
-           f"must be one of {HEAD_DTYPES}")
-  _require(c.data.source in SOURCES, "data.source", c.data.source, f"must be one of {SOURCES}")
+  _require(c.loss.head_dtype in head.STORAGE_DTYPES, "loss.head_dtype", c.loss.head_dtype,
+           f"must be one of {head.STORAGE_DTYPES}")
+  _require(c.data.source in sources.SOURCES, "data.source", c.data.source,
+           f"must be one of {sources.SOURCES}")
   _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "must be >= 2")
   _require(c.data.max_examples >= 0, "data.max_examples", c.data.max_examples,
            "must be >= 0 (0: all)")
@@ -70,19 +65,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("chunk_records", "shuffle_window"):
     _require(isinstance(c.data[field], int) and c.data[field] >= 1, f"data.{field}",
              c.data[field], "must be a positive integer")
-  _require(c.loss.s2c in S2C_LOSSES, "loss.s2c", c.loss.s2c, f"must be one of {S2C_LOSSES}")
-  _require(c.loss.s2s in S2S_LOSSES, "loss.s2s", c.loss.s2s, f"must be one of {S2S_LOSSES}")
+  _require(c.loss.s2c in registry.s2c_names(), "loss.s2c", c.loss.s2c,
+           f"must be one of {registry.s2c_names()}")
+  _require(c.loss.s2s in registry.s2s_names(), "loss.s2s", c.loss.s2s,
+           f"must be one of {registry.s2s_names()}")
   for field in ("s2c_scale", "s2s_scale"):
     _require(c.loss[field] > 0, f"loss.{field}", c.loss[field], "must be positive")
   for field in ("s2c_margin", "s2s_margin"):
     _require(0.0 <= c.loss[field] < 1.0, f"loss.{field}", c.loss[field], "must be in [0, 1)")
-  _validate_s2c_options(c)
+  _validate_loss_options(c)
   _require(c.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", c.loss.uss_start_epoch,
            "must be >= 0")
   _require(0.0 < c.loss.sample_rate <= 1.0, "loss.sample_rate", c.loss.sample_rate,
            "must be in (0, 1]")
-  _require(c.optimizer.name in OPTIMIZERS, "optimizer.name", c.optimizer.name,
-           f"must be one of {OPTIMIZERS}")
+  _require(c.optimizer.name in optim.OPTIMIZERS, "optimizer.name", c.optimizer.name,
+           f"must be one of {tuple(optim.OPTIMIZERS)}")
   _require(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "must be positive")
   for field in ("b1", "b2"):
     _require(0.0 <= c.optimizer[field] < 1.0, f"optimizer.{field}", c.optimizer[field],
@@ -103,8 +100,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be >= 0 (0 disables clipping)")
   _require(c.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
            c.optimizer.grad_accum_steps, "must be >= 1")
-  _require(c.schedule.name in SCHEDULES, "schedule.name", c.schedule.name,
-           f"must be one of {SCHEDULES}")
+  _require(c.schedule.name in optim.SCHEDULES, "schedule.name", c.schedule.name,
+           f"must be one of {optim.SCHEDULES}")
   _require(c.schedule.power > 0, "schedule.power", c.schedule.power, "must be positive")
   _require(list(c.schedule.decay_epochs) == sorted(c.schedule.decay_epochs),
            "schedule.decay_epochs", c.schedule.decay_epochs, "must be increasing")
@@ -117,44 +114,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(c[field] >= 1, field, c[field], "must be >= 1")
   _require(c.debug.signal_after_step >= 0, "debug.signal_after_step",
            c.debug.signal_after_step, "must be >= 0 (0: off)")
-  _require(c.debug.signal in DRILL_SIGNALS, "debug.signal", c.debug.signal,
-           f"must be one of {DRILL_SIGNALS}")
+  _require(c.debug.signal in run_control.DRILL_SIGNALS, "debug.signal", c.debug.signal,
+           f"must be one of {run_control.DRILL_SIGNALS}")
 
 
-def _validate_s2c_options(c: ml_collections.ConfigDict) -> None:
-  """The options of the chosen sample-to-class loss (the others are not read)."""
-  loss = c.loss
-  if loss.s2c == "combined":
-    _require(loss.combined_form in head.COMBINED_FORMS, "loss.combined_form",
-             loss.combined_form, f"must be one of {head.COMBINED_FORMS}")
-    _require(loss.combined_m1 > 0, "loss.combined_m1", loss.combined_m1, "must be positive")
-    _require(0.0 <= loss.combined_m2 < math.pi, "loss.combined_m2", loss.combined_m2,
-             "must be in [0, π)")
-    _require(0.0 <= loss.combined_m3 < 1.0, "loss.combined_m3", loss.combined_m3,
-             "must be in [0, 1)")
-    if loss.combined_form == "arcface_torch":
-      _require(loss.combined_m3 > 0 or loss.combined_m1 == 1.0, "loss.combined_m1",
-               loss.combined_m1, "arcface_torch's CombinedMarginLoss runs m3 > 0 (CosFace) or "
-               "m1 = 1 with m3 = 0 (ArcFace) only; use combined_form = 'formula'")
-  if loss.s2c == "adaface":
-    _require(loss.adaface_h >= 0, "loss.adaface_h", loss.adaface_h, "must be >= 0")
-    _require(0.0 < loss.adaface_t_alpha <= 1.0, "loss.adaface_t_alpha", loss.adaface_t_alpha,
-             "must be in (0, 1]")
-    _require(c.batch_size >= 2, "batch_size", c.batch_size,
-             "AdaFace's norm statistics need a global batch of at least 2 (an unbiased std)")
-  if loss.s2c == "curricularface":
-    _require(0.0 < loss.curricular_alpha <= 1.0, "loss.curricular_alpha",
-             loss.curricular_alpha, "must be in (0, 1]")
-  if loss.s2c == "magface":
-    _require(loss.magface_l_a > 0, "loss.magface_l_a", loss.magface_l_a, "must be positive")
-    _require(loss.magface_u_a > loss.magface_l_a, "loss.magface_u_a", loss.magface_u_a,
-             f"must be > loss.magface_l_a = {loss.magface_l_a}")
-    _require(0.0 <= loss.magface_l_m < math.pi / 2, "loss.magface_l_m", loss.magface_l_m,
-             "must be in [0, π/2)")
-    _require(loss.magface_l_m <= loss.magface_u_m < math.pi / 2, "loss.magface_u_m",
-             loss.magface_u_m, f"must be in [loss.magface_l_m = {loss.magface_l_m}, π/2)")
-    _require(loss.magface_lambda_g >= 0, "loss.magface_lambda_g", loss.magface_lambda_g,
-             "must be >= 0")
+def _validate_loss_options(c: ml_collections.ConfigDict) -> None:
+  """The options of the chosen losses, by their own checks (the others' are not read)."""
+  for loss in (registry.s2c(c.loss.s2c), registry.s2s(c.loss.s2s)):
+    options = {name: c.loss.get(name, default) for name, default in loss.options.items()}
+    problem = loss.check(options, c.batch_size)
+    if problem is not None:
+      field, what = problem
+      _require(False, field, _value(c, field), what)
+
+
+def _value(c: ml_collections.ConfigDict, field: str):
+  """The value at the dotted path ``field`` of ``c``."""
+  for part in field.split("."):
+    c = c[part]
+  return c
 
 
 # What the recipes write where a user must put their own location (gs://YOUR_BUCKET/...).

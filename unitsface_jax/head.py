@@ -7,10 +7,10 @@ embeddings and labels, computes cosines against its own rows only, and finishes 
 reductions of the loss family (``unitsface_jax.losses``) with ``psum``/``pmax``: logits exist
 only as [global batch, local classes] per device, never [global batch, C]. Then each device
 writes the batch's features into the memory rows it owns (last occurrence wins across the
-global batch). The sample-to-class loss is any of ``S2C_LOSSES`` (CosFace, ArcFace, the
-combined margin, AdaFace, CurricularFace, MagFace, normalized BCE, UCE); AdaFace's and
-CurricularFace's running statistics are computed from the gathered global batch, so they are
-the same on every device. PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
+global batch). The sample-to-class and sample-to-sample losses are any registered ones
+(``losses.registry``: their per-sample maths, options, bias and statistics come from there;
+this module names none); running statistics (AdaFace's, CurricularFace's) are computed from
+the gathered global batch, so they are the same on every device. PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
 partial_fc_v2.py) keeps a fixed number k of local classes per step, positives forced, so the
 step compiles once.
 """
@@ -26,82 +26,105 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from unitsface_jax import losses
-from unitsface_jax.losses import class_axis
-from unitsface_jax.losses import margin as margin_lib
-from unitsface_jax.losses import sample_to_class
-from unitsface_jax.losses import sample_to_sample
+from unitsface_jax.losses import registry
+from unitsface_jax.losses import threshold
 from unitsface_jax.parallel import DEVICE_AXIS
 from unitsface_jax.parallel import padded_classes
 
 
-# The sample-to-class losses the head computes (``HeadConfig.s2c_loss``).
-S2C_LOSSES = ("cosface", "arcface", "combined", "adaface", "curricularface", "magface",
-              "normalized_bce", "uce")
-# The forms of the combined margin (``HeadConfig.combined_form``).
-COMBINED_FORMS = ("formula", "arcface_torch")
-# The HeadConfig fields of the sample-to-class losses' options, named as in ``config.loss``.
-S2C_OPTIONS = ("combined_m1", "combined_m2", "combined_m3", "combined_form", "adaface_h",
-               "adaface_t_alpha", "curricular_alpha", "magface_l_a", "magface_u_a",
-               "magface_l_m", "magface_u_m", "magface_lambda_g")
+def __getattr__(name: str):
+  """``S2C_LOSSES``, ``S2S_LOSSES`` and ``S2C_OPTIONS``: the registry's names, read when
+  asked (a loss registered later is in them)."""
+  if name == "S2C_LOSSES":
+    return registry.s2c_names()
+  if name == "S2S_LOSSES":
+    return registry.s2s_names()
+  if name == "S2C_OPTIONS":
+    return tuple(registry.option_defaults("s2c"))
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+# How W and M may be stored (``HeadConfig.storage_dtype``, ``config.loss.head_dtype``).
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class HeadConfig:
   """What the head computes; hashable, so it can be a static argument of ``jax.jit``.
 
   Attributes:
     num_classes: C, the number of identities.
     embedding_dim: D.
-    s2c_loss: one of ``S2C_LOSSES``.
+    s2c_loss: a registered sample-to-class loss (``losses.registry.s2c_names()``).
     s2c_scale: s of the sample-to-class loss.
     s2c_margin: m of the sample-to-class loss (CosFace 0.4, ArcFace 0.5, AdaFace 0.4,
       CurricularFace 0.5, normalized BCE and UCE 0.4; unused by the combined margin and
       MagFace).
-    arcface_straight_through: ArcFace (and combined) margin without gradient (insightface
-      behaviour).
-    combined_m1, combined_m2, combined_m3: the combined margin cos(m1·θ + m2) − m3.
-    combined_form: "formula" (that formula for any m1, m2, m3) or "arcface_torch"
-      (insightface arcface_torch ``CombinedMarginLoss``: m3 > 0 runs CosFace with m3 and
-      ignores m1, m2; m1 = 1, m3 = 0 runs ArcFace with m2 and a gradient-free margin; no
-      other combination).
-    adaface_h, adaface_t_alpha: AdaFace's h and the EMA weight of its norm statistics.
-    curricular_alpha: the EMA weight of CurricularFace's t.
-    magface_l_a, magface_u_a, magface_l_m, magface_u_m, magface_lambda_g: MagFace's norm
-      range, margin range and regulariser weight λ_g.
-    s2s_loss: "uss", "s2s_softmax", "s2s_bce" or "none".
+    s2s_loss: a registered sample-to-sample loss ("uss", "s2s_softmax", "s2s_bce", "none").
     s2s_scale: s of the sample-to-sample loss.
     s2s_margin: m of the sample-to-sample loss.
-    uss_form: "code" or "paper" (see ``losses.uss``).
     sample_rate: PartialFC r; 1 keeps every class.
     storage_dtype: dtype of W and M in memory ("float32" or "bfloat16"); compute is fp32.
     matmul_precision: precision of the cosine matmuls ("highest": fp32; None: the backend
       default, a single bf16 pass on TPU: cheaper, less exact).
+    options: the losses' options set explicitly, as sorted (name, value) pairs. Pass them as
+      keywords (``HeadConfig(C, s2c_loss="adaface", adaface_h=0.5)``) and read them as
+      attributes (``config.adaface_h``); an option not given reads as its registry default.
   """
   num_classes: int
   embedding_dim: int = 512
   s2c_loss: str = "cosface"
   s2c_scale: float = 64.0
   s2c_margin: float = 0.4
-  arcface_straight_through: bool = False
   s2s_loss: str = "uss"
   s2s_scale: float = 64.0
   s2s_margin: float = 0.1
-  uss_form: str = "code"
-  combined_m1: float = 1.0
-  combined_m2: float = 0.3
-  combined_m3: float = 0.2
-  combined_form: str = "formula"
-  adaface_h: float = 0.333
-  adaface_t_alpha: float = 0.01
-  curricular_alpha: float = 0.01
-  magface_l_a: float = 10.0
-  magface_u_a: float = 110.0
-  magface_l_m: float = 0.45
-  magface_u_m: float = 0.8
-  magface_lambda_g: float = 35.0
   sample_rate: float = 1.0
   storage_dtype: str = "float32"
   matmul_precision: str | None = "highest"
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def __init__(self, num_classes: int, embedding_dim: int = 512, s2c_loss: str = "cosface",
+               s2c_scale: float = 64.0, s2c_margin: float = 0.4, s2s_loss: str = "uss",
+               s2s_scale: float = 64.0, s2s_margin: float = 0.1, sample_rate: float = 1.0,
+               storage_dtype: str = "float32", matmul_precision: str | None = "highest",
+               options: tuple[tuple[str, Any], ...] = (), **option_values):
+    values = {**dict(options), **option_values}
+    unknown = sorted(set(values) - set(registry.option_defaults()))
+    if unknown:
+      raise TypeError(f"HeadConfig got unknown loss options {unknown}; the registered "
+                      f"losses' options are {sorted(registry.option_defaults())}")
+    fields = dict(num_classes=num_classes, embedding_dim=embedding_dim, s2c_loss=s2c_loss,
+                  s2c_scale=s2c_scale, s2c_margin=s2c_margin, s2s_loss=s2s_loss,
+                  s2s_scale=s2s_scale, s2s_margin=s2s_margin, sample_rate=sample_rate,
+                  storage_dtype=storage_dtype, matmul_precision=matmul_precision,
+                  options=tuple(sorted(values.items())))
+    for name, value in fields.items():
+      object.__setattr__(self, name, value)
+
+  def __getattr__(self, name: str):
+    # Only reached for names that are not fields: the losses' options.
+    if name.startswith("__"):
+      raise AttributeError(name)
+    given = dict(self.__dict__.get("options", ()))
+    if name in given:
+      return given[name]
+    defaults = registry.option_defaults()
+    if name in defaults:
+      return defaults[name]
+    raise AttributeError(f"HeadConfig has no field or loss option {name!r}")
+
+  def options_of(self, loss: registry.Loss) -> dict[str, Any]:
+    """``loss``'s options: the values given, else the defaults."""
+    return {name: getattr(self, name) for name in loss.options}
+
+  @property
+  def s2c(self) -> registry.SampleToClassLoss:
+    return registry.s2c(self.s2c_loss)
+
+  @property
+  def s2s(self) -> registry.SampleToSampleLoss:
+    return registry.s2s(self.s2s_loss)
 
 
 class HeadParams(NamedTuple):
@@ -162,22 +185,21 @@ def num_sampled(config: HeadConfig, num_shards: int, global_batch: int) -> int:
 def s2c_initial_state(config: HeadConfig | None, padded: int) -> tuple[dict, dict]:
   """Initial (s2c_bias, s2c_stats) of the sample-to-class loss; [C_pad] arrays are class rows.
 
-  The biases of normalized BCE and UCE start at log(10·C) (CVI-SZU/UniTSFace head.py,
-  ``nn.init.constant_``), padded rows at 0; AdaFace's statistics at 20 and 100
-  (mk-minchul/AdaFace head.py); CurricularFace's t at 0 (HuangYG123/CurricularFace).
+  A bias (``loss.bias``) starts at ``loss.initial_bias(C)`` (normalized BCE and UCE: log(10·C),
+  CVI-SZU/UniTSFace head.py), padded rows at 0; statistics at ``loss.initial_stats``
+  (AdaFace's 20 and 100, CurricularFace's t = 0). Without ``config``, a loss with neither.
   """
-  name = config.s2c_loss if config is not None else None
-  if name in ("normalized_bce", "uce"):
-    value = sample_to_class.initial_bce_bias(config.num_classes)
-    if name == "uce":
-      return {"bias": jnp.float32(value)}, {}
-    real = jnp.arange(padded) < config.num_classes
-    return {"bias": jnp.where(real, value, 0.0).astype(jnp.float32)}, {}
-  if name == "adaface":
-    return {}, {"norm_mean": jnp.float32(20.0), "norm_std": jnp.float32(100.0)}
-  if name == "curricularface":
-    return {}, {"t": jnp.float32(0.0)}
-  return {}, {}
+  if config is None:
+    return {}, {}
+  loss = config.s2c
+  stats = {name: jnp.float32(value) for name, value in loss.initial_stats.items()}
+  if loss.bias == "none":
+    return {}, stats
+  value = loss.initial_bias(config.num_classes)
+  if loss.bias == "scalar":
+    return {"bias": jnp.float32(value)}, stats
+  real = jnp.arange(padded) < config.num_classes
+  return {"bias": jnp.where(real, value, 0.0).astype(jnp.float32)}, stats
 
 
 def head_specs(config: HeadConfig | None = None) -> HeadState:
@@ -251,145 +273,67 @@ _class_sum = functools.partial(jax.lax.psum, axis_name=DEVICE_AXIS)
 _class_max = functools.partial(jax.lax.pmax, axis_name=DEVICE_AXIS)
 
 
-class _Columns(NamedTuple):
-  """The local classes a device scores this step, against the global batch.
-
-  Attributes:
-    picked: [k] local row indices (all rows, or PartialFC's sample).
-    target: [B, k] bool, column j is sample i's class.
-    real: [k] bool, the row is a class (not padding).
-  """
-  picked: jax.Array
-  target: jax.Array
-  real: jax.Array
-
-
-def _s2s_term(config: HeadConfig, state: HeadState, cos_m: jax.Array, cols: _Columns,
-              valid: jax.Array, active: jax.Array):
+def _s2s_term(config: HeadConfig, state: HeadState, memory_cols: registry.Columns,
+              picked: jax.Array, active: jax.Array):
   """The sample-to-sample loss [B], with b's (or the class biases') data-dependent first value.
 
   Args:
     config: what to compute.
     state: this device's head state before the step (b, class biases, ``initialized``).
-    cos_m: [B, k] cosines between the global batch and the memory rows ``cols.picked``.
-    cols: the columns scored.
-    valid: [B, k] bool, memory rows that hold a feature and are real classes.
+    memory_cols: the global batch against the memory rows ``picked`` (mask: rows that hold a
+      feature and are real classes).
+    picked: [k] the local rows scored.
     active: whether the sample-to-sample term is in use this step.
 
   Returns:
     (loss [B], params with b / class biases as this step uses them, initialized after it).
   """
-  params, initialized = state.params, state.buffers.initialized
-  first_use = jnp.zeros((), jnp.bool_)
-  ready = active
-  if config.s2s_loss in ("uss", "s2s_bce"):
+  loss, params = config.s2s, state.params
+  initialized = state.buffers.initialized
+  ready, bias = active, None
+  if loss.threshold != "none":
     # b takes its first value on the first active step whose batch has a valid negative:
     # an empty memory gives no value (head.py instead re-initialises while b <= 0).
-    negative_lse = sample_to_sample.negative_logsumexp(
-        cos_m, cols.target, valid, scale=config.s2s_scale, class_max=_class_max,
-        class_sum=_class_sum)
-    init = sample_to_sample.mean_finite(negative_lse)
+    negative_lse = threshold.negative_logsumexp(
+        memory_cols.cos, memory_cols.target, memory_cols.mask, scale=config.s2s_scale,
+        class_max=memory_cols.class_max, class_sum=memory_cols.class_sum)
+    first = threshold.mean_finite(negative_lse)
     ready = active & jnp.any(jnp.isfinite(negative_lse))
     first_use = ready & ~initialized
-  initialized = initialized | ready
-  if config.s2s_loss == "uss":
-    bias = sample_to_sample.threshold_bias_for_step(params.bias, init, first_use=first_use)
-    pos, neg = sample_to_sample.uss_parts(
-        cos_m, cols.target, valid, bias, scale=config.s2s_scale, margin=config.s2s_margin,
-        form=config.uss_form, class_max=_class_max, class_sum=_class_sum)
-    return pos + neg, params._replace(bias=bias), initialized
-  if config.s2s_loss == "s2s_bce":
-    # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
-    class_bias = params.class_bias + jax.lax.stop_gradient(jnp.where(first_use, init, 0.0))
-    pos, neg = class_axis.threshold_bce(
-        cos_m, cols.target, valid, class_bias[cols.picked], scale=config.s2s_scale,
-        margin=config.s2s_margin, class_sum=_class_sum)
-    return pos + neg, params._replace(class_bias=class_bias), initialized
-  if config.s2s_loss == "s2s_softmax":
-    logits = config.s2s_scale * (cos_m - config.s2s_margin * cols.target)
-    loss = class_axis.softmax_cross_entropy(logits, cols.target, valid, class_max=_class_max,
-                                            class_sum=_class_sum)
-    return loss, params, initialized
-  if config.s2s_loss == "none":
-    return jnp.zeros(cos_m.shape[:1], cos_m.dtype), params, initialized
-  raise ValueError(f"unknown s2s_loss {config.s2s_loss!r}")
-
-
-def _combined_logits(config: HeadConfig, cos_w: jax.Array, target: jax.Array) -> jax.Array:
-  """The combined margin's logits in the configured form (see ``HeadConfig``)."""
-  m1, m2, m3, s = (config.combined_m1, config.combined_m2, config.combined_m3,
-                   config.s2c_scale)
-  if config.combined_form == "formula":
-    return margin_lib.combined_margin_logits(
-        cos_w, target, scale=s, m1=m1, m2=m2, m3=m3,
-        straight_through=config.arcface_straight_through)
-  if config.combined_form != "arcface_torch":
-    raise ValueError(f"unknown combined_form {config.combined_form!r}")
-  # insightface arcface_torch losses.py CombinedMarginLoss: two branches, nothing else.
-  if m3 > 0:
-    return s * (cos_w - m3 * target)
-  if m1 == 1.0 and m3 == 0.0:
-    return margin_lib.combined_margin_logits(cos_w, target, scale=s, m1=1.0, m2=m2, m3=0.0,
-                                             straight_through=True)
-  raise ValueError(f"arcface_torch's combined margin runs m3 > 0 or (m1, m3) = (1, 0), got "
-                   f"{(m1, m2, m3)}")
+    if loss.threshold == "scalar":
+      bias = threshold.threshold_bias_for_step(params.bias, first, first_use=first_use)
+      params = params._replace(bias=bias)
+    else:
+      # head.py Sample_to_Sample_Based_BCE_Loss adds the same first value to every class.
+      class_bias = params.class_bias + jax.lax.stop_gradient(jnp.where(first_use, first, 0.0))
+      params, bias = params._replace(class_bias=class_bias), class_bias[picked]
+  per_sample = loss.per_sample(memory_cols, scale=config.s2s_scale, margin=config.s2s_margin,
+                               options=config.options_of(loss), bias=bias)
+  return per_sample, params, initialized | ready
 
 
 def _s2c_term(config: HeadConfig, params: HeadParams, stats: dict, norms: jax.Array,
-              cos_w: jax.Array, cols: _Columns) -> tuple[jax.Array, dict]:
+              class_cols: registry.Columns, picked: jax.Array) -> tuple[jax.Array, dict]:
   """The sample-to-class loss [B] and the running statistics after this batch.
 
   Args:
     config: what to compute.
     params: this device's head parameters (the loss's bias).
-    stats: the running statistics (replicated): AdaFace's already updated with this batch
-      (``head_loss``), CurricularFace's before this step.
+    stats: the running statistics (replicated), as the loss's ``update_stats`` left them.
     norms: [B] feature norms of the raw embeddings of the global batch (replicated).
-    cos_w: [B, k] cosines to the class rows ``cols.picked``.
-    cols: the columns scored.
+    class_cols: the global batch against the class rows ``picked``.
+    picked: [k] the local rows scored.
 
   Returns:
     (per-sample loss [B], statistics after this step). They are functions of the global
     batch only, so every device computes the same values.
   """
-  name, s, m = config.s2c_loss, config.s2c_scale, config.s2c_margin
-  mask = jnp.broadcast_to(cols.real, cos_w.shape)
-
-  def cross_entropy(logits):
-    return class_axis.softmax_cross_entropy(logits, cols.target, mask, class_max=_class_max,
-                                            class_sum=_class_sum)
-
-  if name == "cosface":
-    return cross_entropy(s * (cos_w - m * cols.target)), stats
-  if name == "arcface":
-    return cross_entropy(sample_to_class.arcface_logits(
-        cos_w, cols.target, scale=s, margin=m,
-        straight_through=config.arcface_straight_through)), stats
-  if name == "combined":
-    return cross_entropy(_combined_logits(config, cos_w, cols.target)), stats
-  if name in ("normalized_bce", "uce"):
-    bias = params.s2c_bias["bias"]
-    bias = bias[cols.picked] if bias.ndim else bias
-    pos, neg = class_axis.threshold_bce(cos_w, cols.target, mask, bias, scale=s, margin=m,
-                                        class_sum=_class_sum)
-    return pos + neg, stats
-  if name == "adaface":
-    logits = margin_lib.adaface_logits(cos_w, cols.target, norms, stats["norm_mean"],
-                                       stats["norm_std"], scale=s, margin=m, h=config.adaface_h)
-    return cross_entropy(logits), stats
-  if name == "curricularface":
-    cos_y = _class_sum(jnp.sum(jnp.where(cols.target, cos_w, 0.0), axis=-1))
-    t = margin_lib.curricular_t(stats["t"], cos_y, alpha=config.curricular_alpha)
-    logits = margin_lib.curricular_logits(cos_w, cols.target, t, scale=s, margin=m,
-                                          class_sum=_class_sum)
-    return cross_entropy(logits), {"t": t}
-  if name == "magface":
-    kw = dict(l_a=config.magface_l_a, u_a=config.magface_u_a)
-    logits = margin_lib.magface_logits(cos_w, cols.target, norms, scale=s,
-                                       l_m=config.magface_l_m, u_m=config.magface_u_m, **kw)
-    regularizer = margin_lib.magface_regularizer(norms, **kw)
-    return cross_entropy(logits) + config.magface_lambda_g * regularizer, stats
-  raise ValueError(f"unknown s2c_loss {name!r}")
+  loss = config.s2c
+  bias = params.s2c_bias.get("bias")
+  if bias is not None and bias.ndim:
+    bias = bias[picked]
+  return loss.per_sample(class_cols, scale=config.s2c_scale, margin=config.s2c_margin,
+                         options=config.options_of(loss), norms=norms, bias=bias, stats=stats)
 
 
 def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key: jax.Array,
@@ -411,26 +355,28 @@ def _local_head(state: HeadState, embeddings: jax.Array, labels: jax.Array, key:
   local_labels = jnp.where((local_labels >= 0) & (local_labels < local), local_labels, -1)
   real = offset + jnp.arange(local) < config.num_classes
   picked = _pick_classes(key, offset, local_labels, real, num_sampled_classes)
-  cols = _Columns(picked=picked, target=local_labels[:, None] == picked[None, :],
-                  real=real[picked])
-  shape = cols.target.shape
+  target = local_labels[:, None] == picked[None, :]
+  real = real[picked]
+  reduce = dict(class_sum=_class_sum, class_max=_class_max)
 
   # Rows not picked are not read, so they get no gradient.
   cos_w = losses.cosine_similarity(features, params.w[picked],
                                    precision=config.matmul_precision)
-  s2c, s2c_stats = _s2c_term(config, params, buffers.s2c_stats, norms, cos_w, cols)
+  class_cols = registry.Columns(cos_w, target, jnp.broadcast_to(real, target.shape), **reduce)
+  s2c, s2c_stats = _s2c_term(config, params, buffers.s2c_stats, norms, class_cols, picked)
 
   # Sample-to-sample term against the memory as it was before this step's write.
   cos_m = losses.cosine_similarity(features, jax.lax.stop_gradient(buffers.memory[picked]),
                                    precision=config.matmul_precision)
-  valid = jnp.broadcast_to(buffers.seen[picked] & cols.real, shape)
-  s2s, params, initialized = _s2s_term(config, state, cos_m, cols, valid, s2s_active)
+  written = jnp.broadcast_to(buffers.seen[picked] & real, target.shape)
+  memory_cols = registry.Columns(cos_m, target, written, **reduce)
+  s2s, params, initialized = _s2s_term(config, state, memory_cols, picked, s2s_active)
 
   # Memory write to the rows this device owns; last occurrence in the GLOBAL batch wins
   # because every device sees the same gathered batch in the same order.
   memory, seen = losses.write_memory(buffers.memory, buffers.seen, features, local_labels)
   terms = {"s2c": s2c, "s2s": s2s,
-           "sampled_classes": jnp.where(cols.real, offset + picked, -1)}
+           "sampled_classes": jnp.where(real, offset + picked, -1)}
   return terms, HeadState(params, HeadBuffers(memory=memory, seen=seen,
                                               initialized=initialized, s2c_stats=s2c_stats))
 
@@ -478,19 +424,17 @@ def head_loss(state: HeadState, embeddings: jax.Array, labels: jax.Array, *,
   # over them, so every device reduces the same values in the same order on any mesh. They
   # are computed here, not from the gathered features inside shard_map, whose values are
   # typed as varying over the devices.
+  loss = config.s2c
   norms = jnp.zeros(embeddings.shape[:1], jnp.float32)
-  if config.s2c_loss in ("adaface", "magface"):
+  if loss.needs_norms:
     norms = jax.lax.with_sharding_constraint(
-        margin_lib.feature_norm(embeddings.astype(jnp.promote_types(embeddings.dtype,
-                                                                    jnp.float32))),
+        losses.feature_norm(embeddings.astype(jnp.promote_types(embeddings.dtype,
+                                                                jnp.float32))),
         jax.sharding.NamedSharding(mesh, P()))
-  if config.s2c_loss == "adaface":
+  if loss.update_stats is not None:
     # mk-minchul/AdaFace head.py updates the statistics first, then uses them.
-    stats = state.buffers.s2c_stats
-    mean, std = margin_lib.adaface_statistics(norms, stats["norm_mean"], stats["norm_std"],
-                                              t_alpha=config.adaface_t_alpha)
-    state = state._replace(buffers=state.buffers._replace(
-        s2c_stats={"norm_mean": mean, "norm_std": std}))
+    stats = loss.update_stats(norms, state.buffers.s2c_stats, config.options_of(loss))
+    state = state._replace(buffers=state.buffers._replace(s2c_stats=stats))
   terms_specs = {"s2c": P(), "s2s": P(), "sampled_classes": rows}
   fn = jax.shard_map(
       functools.partial(_local_head, config=config, num_sampled_classes=k), mesh=mesh,

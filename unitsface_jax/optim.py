@@ -29,6 +29,10 @@ import optax
 from unitsface_jax import pytrees
 
 
+# The schedules ``learning_rate_schedule`` builds (``config.schedule.name``).
+SCHEDULES = ("multistep", "polynomial")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: float) -> optax.Schedule:
   """The lr per optimiser step: ``multistep`` (official) or ``polynomial`` (insightface).

@@ -18,6 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 DEVICE_AXIS = "devices"
 
+# Over which samples BatchNorm takes its statistics (``config.model.bn_stats``): the global
+# batch, or each device's slice (PyTorch DDP without SyncBN).
+BN_STATS = ("global", "per_device")
+
 
 def make_mesh(num_devices: int | None = None, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:

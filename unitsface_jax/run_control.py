@@ -37,6 +37,9 @@ class StepQueue:
       jax.block_until_ready(self.pending.popleft())
 
 
+# The signals the preemption drill may send itself (``config.debug.signal``).
+DRILL_SIGNALS = ("SIGTERM", "SIGKILL", "SIGSTOP")
+
 # The coordination service's key under which the processes agree on the step to stop at.
 _STOP_KEY = "unitsface_jax/preemption_stop_step"
 

@@ -92,7 +92,8 @@ def head_config(config: ml_collections.ConfigDict) -> head_lib.HeadConfig:
       s2c_margin=config.loss.s2c_margin, s2s_loss=config.loss.s2s,
       s2s_scale=config.loss.s2s_scale, s2s_margin=config.loss.s2s_margin,
       sample_rate=config.loss.sample_rate, storage_dtype=config.loss.head_dtype,
-      **{name: config.loss[name] for name in head_lib.S2C_OPTIONS})
+      **{name: config.loss[name] for name in losses.registry.option_defaults()
+         if name in config.loss})
 
 
 # ==================================================================== state

@@ -262,6 +262,10 @@ class Subset:
     return self.source[index]
 
 
+# The kinds ``make_source`` builds (``config.data.source``).
+SOURCES = ("recordio", "tfds", "folder", "synthetic", "auto")
+
+
 def make_source(kind: str, path=None, **kwargs):
   """Builds a source by name, for configs: ``recordio``, ``tfds``, ``folder``, ``synthetic``.
 

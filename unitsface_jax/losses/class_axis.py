@@ -9,6 +9,7 @@ here knows about devices or meshes.
 """
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -142,6 +143,12 @@ def threshold_bce(cos: jax.Array, target: jax.Array, mask: jax.Array, bias: jax.
   neg = jax.nn.softplus(clip_through(scale * cos - bias, -scale, scale))
   neg = class_sum(jnp.sum(jnp.where(~target & mask, neg, 0.0), axis=-1))
   return pos, neg
+
+
+def initial_bce_bias(num_classes: int) -> float:
+  """log(10·C), the initial bias of the BCE-style sample-to-class losses (normalized BCE,
+  UCE; CVI-SZU/UniTSFace head.py ``nn.init.constant_``)."""
+  return math.log(10.0 * num_classes)
 
 
 def threshold_softmax_negative(cos: jax.Array, target: jax.Array, mask: jax.Array,

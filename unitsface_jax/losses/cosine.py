@@ -34,3 +34,10 @@ def _normalize(x, eps):
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+
+
+def feature_norm(features: jax.Array) -> jax.Array:
+  """‖f_i‖ [B] of the raw embeddings, with gradient f/‖f‖ (0 at f = 0, not NaN)."""
+  sq = jnp.sum(features * features, axis=-1)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)

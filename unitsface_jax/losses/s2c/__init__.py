@@ -1,0 +1,1 @@
+"""Sample-to-class losses, one per file; each registers itself (``losses.registry``)."""

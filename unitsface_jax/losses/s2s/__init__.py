@@ -1,0 +1,2 @@
+"""Sample-to-sample losses against the memory bank, one per file; each registers itself
+(``losses.registry``)."""
