@@ -20,11 +20,8 @@ saves); the readers of a run (``backbone_from_workdir``) skip them and move noth
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging as py_logging
 import os
-import sys
 from typing import Any
 
 import grain
@@ -39,6 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from unitsface_jax import models
+from unitsface_jax import orbax_noise
 from unitsface_jax.pytrees import path_names
 from unitsface_jax.parallel import DEVICE_AXIS
 
@@ -73,66 +71,6 @@ class CheckpointMismatchError(ValueError):
 
 class UnreadableCheckpointError(ValueError):
   """No checkpoint of a run can be read."""
-
-
-@contextlib.contextmanager
-def _orbax_silenced():
-  """orbax logs a failed read at length (tracebacks per array); the caller reports it in one
-  line instead."""
-  logger = py_logging.getLogger("absl")
-  def drop(record):
-    return "/orbax/" not in record.pathname
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
-
-
-def _raised_in_orbax(error: BaseException | None) -> bool:
-  tb = getattr(error, "__traceback__", None)
-  while tb is not None:
-    if "/orbax/" in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
-
-
-def _abandoned_read(unraisable) -> bool:
-  """Whether an unraisable exception is the echo of a failed restore: orbax reads a checkpoint
-  with one coroutine per array on an event loop that ``asyncio.run`` closes when the first
-  read fails, so the reads still in flight raise later (in an orbax coroutine, or "Event loop
-  is closed" from their done-callbacks), each printed with its TensorStore spec: hundreds of
-  lines per unreadable checkpoint, after its one-line report."""
-  code = getattr(unraisable.object, "cr_code", None)
-  if code is not None and "/orbax/" in code.co_filename:
-    return True
-  if _raised_in_orbax(unraisable.exc_value):
-    return True
-  return (isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == "Event loop is closed")
-
-
-def _not_an_abandoned_read(record: py_logging.LogRecord) -> bool:
-  """asyncio's logger reports the same reads as "Task exception was never retrieved"."""
-  error = record.exc_info[1] if record.exc_info else None
-  return not _raised_in_orbax(error)
-
-
-def quiet_abandoned_reads() -> None:
-  """Drops those echoes from ``sys.unraisablehook`` and from asyncio's logger (every other
-  report passes as before). For the command-line entry points; not called on import."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_unitsface_quiet", False):
-    return
-
-  def hook(unraisable):
-    if not _abandoned_read(unraisable):
-      previous(unraisable)
-
-  hook._unitsface_quiet = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
-  py_logging.getLogger("asyncio").addFilter(_not_an_abandoned_read)
 
 
 def _reason(error: BaseException) -> str:
@@ -366,7 +304,7 @@ def restore_latest(ckpt: Checkpoints, state: Any, mesh: jax.sharding.Mesh, *,
   unreadable = []
   for step in sorted(ckpt.all_steps(), reverse=True):
     try:
-      with _orbax_silenced():
+      with orbax_noise.reading():
         restored, reason = restore_state(ckpt, step, state, mesh, data_iterator=data_iterator), ""
     except CheckpointMismatchError:
       raise
@@ -401,7 +339,7 @@ def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Mo
       steps = [step]
     for candidate in steps:
       try:
-        with _orbax_silenced():
+        with orbax_noise.reading():
           config = ml_collections.ConfigDict(ckpt.restore_config(candidate))
           model = models.from_config(config.model, jax.random.key(0))
           saved = ckpt.restore_arrays(candidate)

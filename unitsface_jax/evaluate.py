@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from unitsface_jax import cpu_tuning, storage
+from unitsface_jax import cli, storage
 from unitsface_jax.data.errors import DataError
 from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
 
@@ -56,7 +56,7 @@ flags.DEFINE_string("algo", "insightface", "MegaFace feature file suffix.")
 flags.DEFINE_string("facescrub_noises", None, "Published FaceScrub noise list.")
 flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
 flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
-cpu_tuning.define_flag()
+cli.define_flags()
 _PATH_FLAGS = ("data", "workdir", "features", "params", "out", "pairs", "facescrub_list",
                "megaface_list", "facescrub_noises", "megaface_noises")
 
@@ -182,33 +182,24 @@ def _model_apply_fn() -> extract.ApplyFn:
                        "(precomputed embeddings)")
 
 
+# A missing or unreadable input: one line that names it, exit status 2, instead of a
+# traceback or the flags' help.
+@cli.command(usage_errors=(OSError, InputError, DataError, verification.UnsafePickleError,
+                           storage.MissingExtraError))
 def main(argv) -> int:
   del argv
-  # First, before JAX starts its backends (XLA reads XLA_FLAGS then).
-  cpu_tuning.skip_absent_tpu()  # before JAX starts: no TPU probe without a TPU
-  if FLAGS.cpu_tuning:
-    cpu_tuning.enable()
-  from unitsface_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  checkpoint.quiet_abandoned_reads()  # an unreadable checkpoint is reported in one line
   if not FLAGS.data:
     raise app.UsageError("--data is required")
-  try:
-    storage.require_gcs_all({f"--{name}": FLAGS[name].value for name in _PATH_FLAGS})
-    apply_fn = None
-    if FLAGS.protocol != "megaface" and not FLAGS.features:
-      apply_fn = _model_apply_fn()
-    if FLAGS.protocol == "verification":
-      res = run_verification(apply_fn)
-    elif FLAGS.protocol == "ijb":
-      res = run_ijb(apply_fn)
-    else:
-      res = run_megaface()
-  except (OSError, InputError, DataError, verification.UnsafePickleError,
-          storage.MissingExtraError) as e:
-    # A missing or unreadable input: one line that names it, exit status 2 (as the export
-    # command line), instead of a traceback or the flags' help.
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  storage.require_gcs_all({f"--{name}": FLAGS[name].value for name in _PATH_FLAGS})
+  apply_fn = None
+  if FLAGS.protocol != "megaface" and not FLAGS.features:
+    apply_fn = _model_apply_fn()
+  if FLAGS.protocol == "verification":
+    res = run_verification(apply_fn)
+  elif FLAGS.protocol == "ijb":
+    res = run_ijb(apply_fn)
+  else:
+    res = run_megaface()
   path = report.write_json(FLAGS.out, FLAGS.protocol, res)
   logging.info("wrote %s", path)
   print(f"results: {path}")
@@ -216,4 +207,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

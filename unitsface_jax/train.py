@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging as py_logging
 import signal
 import time
 from typing import Any, NamedTuple
@@ -40,16 +39,6 @@ from unitsface_jax import losses, metric_writer, models, optim, parallel, pytree
 from unitsface_jax.data import pipeline as pipeline_lib
 from unitsface_jax.data import pixels
 from unitsface_jax.data import sources as sources_lib
-
-
-def _quiet_orbax() -> None:
-  """orbax logs every save step at INFO; keep its warnings, drop the rest of its chatter."""
-  logger = logging.get_absl_logger()
-  if not any(getattr(f, "_unitsface", False) for f in logger.filters):
-    def keep(record):
-      return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-    keep._unitsface = True  # pylint: disable=protected-access
-    logger.addFilter(keep)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -446,7 +435,6 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   ``config.init.backbone``, or fresh) and the jitted steps."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _quiet_orbax()
   use_compilation_cache(config, workdir)
 
   mesh = parallel.mesh_from_config(config)

@@ -1,0 +1,63 @@
+"""The command lines' shared prologue and exit statuses (unitsface_jax/cli.py)."""
+
+import logging
+
+from absl import flags
+import pytest
+
+from unitsface_jax import cli
+from unitsface_jax import orbax_noise
+
+
+
+@pytest.fixture(autouse=True)
+def cpu_tuning_off():
+  """--nocpu_tuning, defined for the test only: the command lines that tests/command_lines.py
+  imports later in this process define it themselves."""
+  defined = "cpu_tuning" not in flags.FLAGS
+  if defined:
+    cli.define_flags()
+  previous = flags.FLAGS["cpu_tuning"].value
+  flags.FLAGS["cpu_tuning"].value = False
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  yield
+  flags.FLAGS["cpu_tuning"].value = previous
+  if defined:
+    delattr(flags.FLAGS, "cpu_tuning")
+
+
+class _Mistake(ValueError):
+  pass
+
+
+def _command(error):
+  @cli.command(usage_errors=(_Mistake,), failures=(ValueError,))
+  def main(argv):
+    del argv
+    if error:
+      raise error
+    return None
+  return main
+
+
+def test_each_kind_of_error_has_its_status_and_one_line(capsys):
+  assert _command(None)(["prog"]) == 0
+  assert _command(_Mistake("config.x = 1: must be 2"))(["prog"]) == cli.USAGE_STATUS
+  assert capsys.readouterr().err == "error: config.x = 1: must be 2\n"
+  # A user error is checked before a failure, even when it is also one (a ValueError here).
+  assert _command(ValueError("disk full"))(["prog"]) == cli.FAILED_STATUS
+  assert capsys.readouterr().err.splitlines()[-1] == "error: disk full"
+  with pytest.raises(KeyError):  # a bug keeps its traceback
+    _command(KeyError("bug"))(["prog"])
+
+
+def test_the_prologue_quiets_orbax_for_the_process(caplog):
+  _command(None)(["prog"])
+  record = logging.LogRecord("absl", logging.INFO, "/x/orbax/checkpoint/manager.py", 1,
+                             "saved step 4", None, None)
+  assert not all(f.filter(record) if hasattr(f, "filter") else f(record)
+                 for f in logging.getLogger("absl").filters)
+  warning = logging.LogRecord("absl", logging.WARNING, "/x/orbax/checkpoint/manager.py", 1,
+                              "slow", None, None)
+  assert orbax_noise._keep_absl(warning)  # pylint: disable=protected-access

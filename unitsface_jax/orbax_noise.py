@@ -1,0 +1,89 @@
+"""Everything the package does about orbax's noise, in one place.
+
+orbax logs every save step at INFO through absl, logs a failed read at length (a traceback
+per array), and when a restore fails its reads still in flight are reported again by Python
+as unraisable exceptions and by asyncio's logger (hundreds of lines per unreadable
+checkpoint, after the package has reported it in one line). ``install`` quiets all of that
+for the rest of a command-line process (``unitsface_jax.cli`` calls it; importing this module
+changes nothing); ``reading()`` drops orbax's own log lines around a read whose failure the
+caller reports itself. Warnings that are not about those reads pass as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as py_logging
+import sys
+
+_MARK = "_unitsface_orbax_noise"
+
+
+def _from_orbax(record: py_logging.LogRecord) -> bool:
+  return "/orbax/" in record.pathname
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+  tb = getattr(error, "__traceback__", None)
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception is the echo of a failed restore: orbax reads a checkpoint
+  with one coroutine per array on an event loop that ``asyncio.run`` closes when the first
+  read fails, so the reads still in flight raise later (in an orbax coroutine, or "Event loop
+  is closed" from their done-callbacks), each printed with its TensorStore spec."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "/orbax/" in code.co_filename:
+    return True
+  if _raised_in_orbax(unraisable.exc_value):
+    return True
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _keep_absl(record: py_logging.LogRecord) -> bool:
+  """orbax's INFO chatter (every save step) goes; its warnings stay."""
+  return record.levelno >= py_logging.WARNING or not _from_orbax(record)
+
+
+def _keep_asyncio(record: py_logging.LogRecord) -> bool:
+  """asyncio reports the abandoned reads as "Task exception was never retrieved"."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not _raised_in_orbax(error)
+
+
+def install() -> None:
+  """Quiets orbax for the rest of the process: its INFO lines on absl's logger, and the
+  echoes of an abandoned read on ``sys.unraisablehook`` and asyncio's logger. Idempotent."""
+  previous = sys.unraisablehook
+  if getattr(previous, _MARK, False):
+    return
+
+  def hook(unraisable):
+    if not _abandoned_read(unraisable):
+      previous(unraisable)
+
+  setattr(hook, _MARK, True)
+  sys.unraisablehook = hook
+  py_logging.getLogger("absl").addFilter(_keep_absl)
+  py_logging.getLogger("asyncio").addFilter(_keep_asyncio)
+
+
+@contextlib.contextmanager
+def reading():
+  """Within: none of orbax's log lines (a failed read logs tracebacks per array); the caller
+  reports the failure in one line."""
+  logger = py_logging.getLogger("absl")
+
+  def drop(record):
+    return not _from_orbax(record)
+
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
