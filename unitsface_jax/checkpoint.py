@@ -272,7 +272,9 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
       ckpt.restore(step, on_disk, data_iterator=data_iterator))[0]}
   restored = jax.tree_util.tree_unflatten(treedef, [values[path_names(p)] for p, _ in flat])
 
-  def fit(x, t):
+  # A class-sharded array padded for another device count: cut or zero-pad its rows (the
+  # padded classes are masked out of every loss).
+  def match_padded_rows(x, t):
     if x.shape == t.shape:
       return x
     rows = t.shape[0]
@@ -280,10 +282,10 @@ def restore_state(ckpt: Checkpoints, step: int, state: Any, mesh: jax.sharding.M
         x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
     return jax.device_put(x, t.sharding)
 
-  return jax.tree.map(fit, restored, target)
+  return jax.tree.map(match_padded_rows, restored, target)
 
 
-def _agreed(ok: bool) -> bool:
+def _on_every_process(ok: bool) -> bool:
   """Whether ``ok`` holds on every process (all processes call this together)."""
   if jax.process_count() == 1:
     return ok
@@ -310,7 +312,7 @@ def restore_latest(ckpt: Checkpoints, state: Any, mesh: jax.sharding.Mesh, *,
       raise
     except Exception as e:  # pylint: disable=broad-except
       restored, reason = None, _reason(e)
-    if _agreed(restored is not None):
+    if _on_every_process(restored is not None):
       for bad in unreadable:
         logging.warning("checkpoint %d moved to %s", bad, ckpt.set_aside(bad))
       return step, restored

@@ -34,105 +34,110 @@ def _require(ok: bool, field: str, value, what: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value is unusable."""
-  c = config
-  _require(c.model.name in models.list_models(), "model.name", c.model.name,
+  _require(config.model.name in models.list_models(), "model.name", config.model.name,
            f"must be one of {models.list_models()}")
-  _require(c.model.dtype in models.DTYPES, "model.dtype", c.model.dtype,
+  _require(config.model.dtype in models.DTYPES, "model.dtype", config.model.dtype,
            f"must be one of {sorted(models.DTYPES)}")
-  _require(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "must be in [0, 1)")
-  _require(c.model.num_features > 0, "model.num_features", c.model.num_features,
+  _require(0.0 <= config.model.dropout < 1.0, "model.dropout",
+           config.model.dropout, "must be in [0, 1)")
+  _require(config.model.num_features > 0, "model.num_features", config.model.num_features,
            "must be positive")
-  _require(isinstance(c.model.width, int) and c.model.width > 0, "model.width", c.model.width,
-           "must be a positive number of channels")
-  width_error = models.width_error(c.model.name, c.model.width)
-  _require(width_error is None, "model.width", c.model.width, width_error)
-  _require(not c.model.get("remat", False) or models.supports_remat(c.model.name),
-           "model.remat", c.model.get("remat", False), f"{models.REMAT_ERROR} not {c.model.name}")
-  _require(c.model.bn_stats in parallel.BN_STATS, "model.bn_stats", c.model.bn_stats,
+  _require(isinstance(config.model.width, int) and config.model.width > 0, "model.width",
+           config.model.width, "must be a positive number of channels")
+  width_error = models.width_error(config.model.name, config.model.width)
+  _require(width_error is None, "model.width", config.model.width, width_error)
+  _require(not config.model.get("remat", False) or models.supports_remat(config.model.name),
+           "model.remat", config.model.get("remat", False),
+           f"{models.REMAT_ERROR} not {config.model.name}")
+  _require(config.model.bn_stats in parallel.BN_STATS, "model.bn_stats", config.model.bn_stats,
            f"must be one of {parallel.BN_STATS}")
-  _require(c.num_devices >= 0, "num_devices", c.num_devices, "must be >= 0 (0: all)")
-  _require(c.loss.head_dtype in head.STORAGE_DTYPES, "loss.head_dtype", c.loss.head_dtype,
+  _require(config.num_devices >= 0, "num_devices", config.num_devices, "must be >= 0 (0: all)")
+  _require(config.loss.head_dtype in head.STORAGE_DTYPES, "loss.head_dtype", config.loss.head_dtype,
            f"must be one of {head.STORAGE_DTYPES}")
-  _require(c.data.source in sources.SOURCES, "data.source", c.data.source,
+  _require(config.data.source in sources.SOURCES, "data.source", config.data.source,
            f"must be one of {sources.SOURCES}")
-  _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "must be >= 2")
-  _require(c.data.max_examples >= 0, "data.max_examples", c.data.max_examples,
+  _require(config.data.num_classes >= 2, "data.num_classes",
+           config.data.num_classes, "must be >= 2")
+  _require(config.data.max_examples >= 0, "data.max_examples", config.data.max_examples,
            "must be >= 0 (0: all)")
-  _require(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "must be >= 0")
-  _require(c.data.read_threads >= 0, "data.read_threads", c.data.read_threads, "must be >= 0")
-  _require(c.data.shuffle in ("records", "chunks"), "data.shuffle", c.data.shuffle,
+  _require(config.data.num_workers >= 0, "data.num_workers",
+           config.data.num_workers, "must be >= 0")
+  _require(config.data.read_threads >= 0, "data.read_threads",
+           config.data.read_threads, "must be >= 0")
+  _require(config.data.shuffle in ("records", "chunks"), "data.shuffle", config.data.shuffle,
            "must be 'records' or 'chunks'")
   for field in ("chunk_records", "shuffle_window"):
-    _require(isinstance(c.data[field], int) and c.data[field] >= 1, f"data.{field}",
-             c.data[field], "must be a positive integer")
-  _require(c.loss.s2c in registry.s2c_names(), "loss.s2c", c.loss.s2c,
+    _require(isinstance(config.data[field], int) and config.data[field] >= 1, f"data.{field}",
+             config.data[field], "must be a positive integer")
+  _require(config.loss.s2c in registry.s2c_names(), "loss.s2c", config.loss.s2c,
            f"must be one of {registry.s2c_names()}")
-  _require(c.loss.s2s in registry.s2s_names(), "loss.s2s", c.loss.s2s,
+  _require(config.loss.s2s in registry.s2s_names(), "loss.s2s", config.loss.s2s,
            f"must be one of {registry.s2s_names()}")
   for field in ("s2c_scale", "s2s_scale"):
-    _require(c.loss[field] > 0, f"loss.{field}", c.loss[field], "must be positive")
+    _require(config.loss[field] > 0, f"loss.{field}", config.loss[field], "must be positive")
   for field in ("s2c_margin", "s2s_margin"):
-    _require(0.0 <= c.loss[field] < 1.0, f"loss.{field}", c.loss[field], "must be in [0, 1)")
-  _validate_loss_options(c)
-  _require(c.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", c.loss.uss_start_epoch,
+    _require(0.0 <= config.loss[field] < 1.0, f"loss.{field}",
+             config.loss[field], "must be in [0, 1)")
+  _validate_loss_options(config)
+  _require(config.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", config.loss.uss_start_epoch,
            "must be >= 0")
-  _require(0.0 < c.loss.sample_rate <= 1.0, "loss.sample_rate", c.loss.sample_rate,
+  _require(0.0 < config.loss.sample_rate <= 1.0, "loss.sample_rate", config.loss.sample_rate,
            "must be in (0, 1]")
-  _require(c.optimizer.name in optim.OPTIMIZERS, "optimizer.name", c.optimizer.name,
+  _require(config.optimizer.name in optim.OPTIMIZERS, "optimizer.name", config.optimizer.name,
            f"must be one of {tuple(optim.OPTIMIZERS)}")
-  _require(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "must be positive")
+  _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   for field in ("b1", "b2"):
-    _require(0.0 <= c.optimizer[field] < 1.0, f"optimizer.{field}", c.optimizer[field],
+    _require(0.0 <= config.optimizer[field] < 1.0, f"optimizer.{field}", config.optimizer[field],
              "must be in [0, 1)")
-  _require(c.optimizer.eps > 0, "optimizer.eps", c.optimizer.eps, "must be positive")
-  _require(c.init.head_only_steps >= 0, "init.head_only_steps", c.init.head_only_steps,
+  _require(config.optimizer.eps > 0, "optimizer.eps", config.optimizer.eps, "must be positive")
+  _require(config.init.head_only_steps >= 0, "init.head_only_steps", config.init.head_only_steps,
            "must be >= 0")
-  _require(not c.init.head_only_steps or c.init.backbone, "init.head_only_steps",
-           c.init.head_only_steps, "needs config.init.backbone (a backbone to keep frozen)")
-  _require(c.init.head_only_steps % max(c.optimizer.grad_accum_steps, 1) == 0,
-           "init.head_only_steps", c.init.head_only_steps,
+  _require(not config.init.head_only_steps or config.init.backbone, "init.head_only_steps",
+           config.init.head_only_steps, "needs config.init.backbone (a backbone to keep frozen)")
+  _require(config.init.head_only_steps % max(config.optimizer.grad_accum_steps, 1) == 0,
+           "init.head_only_steps", config.init.head_only_steps,
            "must be a multiple of config.optimizer.grad_accum_steps (whole updates)")
-  _require(0.0 <= c.optimizer.momentum < 1.0, "optimizer.momentum", c.optimizer.momentum,
+  _require(0.0 <= config.optimizer.momentum < 1.0, "optimizer.momentum", config.optimizer.momentum,
            "must be in [0, 1)")
-  _require(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,
-           "must be >= 0")
-  _require(c.optimizer.clip_norm >= 0, "optimizer.clip_norm", c.optimizer.clip_norm,
+  _require(config.optimizer.weight_decay >= 0, "optimizer.weight_decay",
+           config.optimizer.weight_decay, "must be >= 0")
+  _require(config.optimizer.clip_norm >= 0, "optimizer.clip_norm", config.optimizer.clip_norm,
            "must be >= 0 (0 disables clipping)")
-  _require(c.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
-           c.optimizer.grad_accum_steps, "must be >= 1")
-  _require(c.schedule.name in optim.SCHEDULES, "schedule.name", c.schedule.name,
+  _require(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
+           config.optimizer.grad_accum_steps, "must be >= 1")
+  _require(config.schedule.name in optim.SCHEDULES, "schedule.name", config.schedule.name,
            f"must be one of {optim.SCHEDULES}")
-  _require(c.schedule.power > 0, "schedule.power", c.schedule.power, "must be positive")
-  _require(list(c.schedule.decay_epochs) == sorted(c.schedule.decay_epochs),
-           "schedule.decay_epochs", c.schedule.decay_epochs, "must be increasing")
-  _require(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
-  _require(c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be >= 1")
-  _require(c.eval.every_steps >= 0, "eval.every_steps", c.eval.every_steps,
+  _require(config.schedule.power > 0, "schedule.power", config.schedule.power, "must be positive")
+  _require(list(config.schedule.decay_epochs) == sorted(config.schedule.decay_epochs),
+           "schedule.decay_epochs", config.schedule.decay_epochs, "must be increasing")
+  _require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
+  _require(config.num_epochs >= 1, "num_epochs", config.num_epochs, "must be >= 1")
+  _require(config.eval.every_steps >= 0, "eval.every_steps", config.eval.every_steps,
            "must be >= 0 (0 disables)")
-  _require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "must be >= 1")
+  _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, "must be >= 1")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    _require(c[field] >= 1, field, c[field], "must be >= 1")
-  _require(c.debug.signal_after_step >= 0, "debug.signal_after_step",
-           c.debug.signal_after_step, "must be >= 0 (0: off)")
-  _require(c.debug.signal in run_control.DRILL_SIGNALS, "debug.signal", c.debug.signal,
+    _require(config[field] >= 1, field, config[field], "must be >= 1")
+  _require(config.debug.signal_after_step >= 0, "debug.signal_after_step",
+           config.debug.signal_after_step, "must be >= 0 (0: off)")
+  _require(config.debug.signal in run_control.DRILL_SIGNALS, "debug.signal", config.debug.signal,
            f"must be one of {run_control.DRILL_SIGNALS}")
 
 
-def _validate_loss_options(c: ml_collections.ConfigDict) -> None:
+def _validate_loss_options(config: ml_collections.ConfigDict) -> None:
   """The options of the chosen losses, by their own checks (the others' are not read)."""
-  for loss in (registry.s2c(c.loss.s2c), registry.s2s(c.loss.s2s)):
-    options = {name: c.loss.get(name, default) for name, default in loss.options.items()}
-    problem = loss.check(options, c.batch_size)
+  for loss in (registry.s2c(config.loss.s2c), registry.s2s(config.loss.s2s)):
+    options = {name: config.loss.get(name, default) for name, default in loss.options.items()}
+    problem = loss.check(options, config.batch_size)
     if problem is not None:
       field, what = problem
-      _require(False, field, _value(c, field), what)
+      _require(False, field, _value(config, field), what)
 
 
-def _value(c: ml_collections.ConfigDict, field: str):
-  """The value at the dotted path ``field`` of ``c``."""
+def _value(config: ml_collections.ConfigDict, field: str):
+  """The value at the dotted path ``field`` of ``config``."""
   for part in field.split("."):
-    c = c[part]
-  return c
+    config = config[part]
+  return config
 
 
 # What the recipes write where a user must put their own location (gs://YOUR_BUCKET/...).

@@ -10,8 +10,8 @@ writes the batch's features into the memory rows it owns (last occurrence wins a
 global batch). The sample-to-class and sample-to-sample losses are any registered ones
 (``losses.registry``: their per-sample maths, options, bias and statistics come from there;
 this module names none); running statistics (AdaFace's, CurricularFace's) are computed from
-the gathered global batch, so they are the same on every device. PartialFC sampling (arXiv 2203.15565; insightface arcface_torch
-partial_fc_v2.py) keeps a fixed number k of local classes per step, positives forced, so the
+the gathered global batch, so they are the same on every device. PartialFC sampling
+(arXiv 2203.15565; insightface arcface_torch partial_fc_v2.py) keeps a fixed number k of local classes per step, positives forced, so the
 step compiles once.
 """
 

@@ -158,9 +158,9 @@ def collective_bytes(hlo_text: str, num_devices: int) -> tuple[dict, dict, float
   shapes). The bytes of a collective are those of its whole buffer: an all-gather's result,
   a reduce-scatter's result times the group size, an all-reduce's and all-to-all's result
   (every output of a combined one); for an async all-gather or collective-permute start,
-  whose result also holds its operand, its output. The ICI traffic per device is what a ring algorithm
-  sends: 2(n-1)/n of the buffer for an all-reduce, (n-1)/n for the others, n the replica
-  group's size. An async pair (``*-start``/``*-done``) counts once, by its start.
+  whose result also holds its operand, its output. The ICI traffic per device is what a
+  ring algorithm sends: 2(n-1)/n of the buffer for an all-reduce, (n-1)/n for the others, n
+  the replica group's size. An async pair (``*-start``/``*-done``) counts once, by its start.
   """
   sizes = {kind: 0 for kind in COLLECTIVES}
   counts = {kind: 0 for kind in COLLECTIVES}

@@ -222,11 +222,11 @@ class _MakeBatch:
     try:
       image = sources.decode_image(example["image"], out=out)
     except DataError as e:
-      raise DataError(e.reason, **sources.where(self.source, i)) from None
+      raise DataError(e.reason, **sources.locate_example(self.source, i)) from None
     if image is not out:
       if image.shape[:2] != (height, width):
         raise DataError(f"image is {image.shape[0]}x{image.shape[1]}, the pipeline expects "
-                        f"{height}x{width}", **sources.where(self.source, i))
+                        f"{height}x{width}", **sources.locate_example(self.source, i))
       out[...] = image
     return int(example["label"])
 

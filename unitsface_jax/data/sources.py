@@ -254,7 +254,7 @@ class Subset:
       read_in_chunks(chunk_records, window)
 
   def locate(self, index: int) -> dict[str, Any]:
-    return where(self.source, index)
+    return locate_example(self.source, index)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self.size:
@@ -291,7 +291,7 @@ def make_source(kind: str, path=None, **kwargs):
   raise ValueError(f"unknown source kind {kind!r}")
 
 
-def where(source, index: int) -> dict[str, Any]:
+def locate_example(source, index: int) -> dict[str, Any]:
   """``DataError`` keyword arguments locating example ``index`` of any source."""
   locate = getattr(source, "locate", None)
   return locate(index) if locate else {"record": index}

@@ -94,7 +94,7 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
     for index in range(len(source)):
       try:
         example = source[index]
-        image = _as_jpeg(example["image"], sources.where(source, index))
+        image = _as_jpeg(example["image"], sources.locate_example(source, index))
       except DataError as e:
         if not self._skip_bad_records:
           raise

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from unitsface_jax.losses import class_axis
 from unitsface_jax.losses import registry
+from unitsface_jax.losses.s2c import normalized_bce
 
 
 def uce(cos: jax.Array, labels: jax.Array, bias: jax.Array, *, scale: float = 64.0,
@@ -17,19 +18,12 @@ def uce(cos: jax.Array, labels: jax.Array, bias: jax.Array, *, scale: float = 64
   """UCE of each sample [B] with the scalar bias ``bias``, in fp32."""
   cols, dtype = registry.one_device_columns(cos, labels)
   bias = jnp.reshape(class_axis.as_compute(bias, dtype), ())
-  return _per_sample(cols, scale=scale, margin=margin, options={}, norms=None, bias=bias,
-                     stats={})[0]
-
-
-def _per_sample(cols, *, scale, margin, options, norms, bias, stats):
-  del options, norms
-  pos, neg = class_axis.threshold_bce(cols.cos, cols.target, cols.mask, bias, scale=scale,
-                                      margin=margin, class_sum=cols.class_sum)
-  return pos + neg, stats
+  return normalized_bce.per_sample(cols, scale=scale, margin=margin, options={}, norms=None,
+                                   bias=bias, stats={})[0]
 
 
 LOSS = registry.register(registry.SampleToClassLoss(
-    name="uce", per_sample=_per_sample, bias="scalar",
+    name="uce", per_sample=normalized_bce.per_sample, bias="scalar",
     initial_bias=class_axis.initial_bce_bias,
     variant="uce", variant_values={"s2c_margin": 0.4},
     formula="the same with one scalar b",

@@ -11,4 +11,5 @@ def _per_sample(cols, *, scale, margin, options, bias):
 
 
 LOSS = registry.register(registry.SampleToSampleLoss(
-    name="none", per_sample=_per_sample, formula="0: the sample-to-class loss alone", source="—", values="—"))
+    name="none", per_sample=_per_sample, formula="0: the sample-to-class loss alone",
+    source="—", values="—"))
