@@ -220,7 +220,7 @@ class _MakeBatch:
     height, width = self.config.image_size
     # A JPEG of the configured size is decoded straight into ``out``: the common case.
     try:
-      image = sources.decode_image(example["image"], out=out)
+      image = sources.decode_image(example["image"], out=out, exif=example.get("exif", False))
     except DataError as e:
       raise DataError(e.reason, **sources.locate_example(self.source, i)) from None
     if image is not out:

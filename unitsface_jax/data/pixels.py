@@ -19,7 +19,60 @@ from unitsface_jax.data.errors import DataError
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def decode_image(data: bytes, *, name: str = "", out: np.ndarray | None = None) -> np.ndarray:
+def exif_orientation(data: bytes) -> int:
+  """The EXIF Orientation tag (1-8) of JPEG bytes; 1 (as stored) when there is none.
+
+  Walks the JPEG's segments up to the first scan and reads tag 0x0112 of IFD0 in the APP1
+  "Exif" segment (TIFF, either byte order): no pixels are decoded, and bytes without EXIF
+  (most face crops) cost a few segment headers. Anything malformed reads as 1.
+  """
+  try:
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+      marker = data[pos + 1]
+      if marker in (0xD9, 0xDA):  # end of image, start of scan: no EXIF before it
+        return 1
+      length = int.from_bytes(data[pos + 2:pos + 4], "big")
+      segment = data[pos + 4:pos + 2 + length]
+      if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
+        tiff = segment[6:]
+        order = {b"II": "little", b"MM": "big"}[tiff[:2]]
+        ifd = int.from_bytes(tiff[4:8], order)
+        for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+          entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+          if int.from_bytes(entry[:2], order) == 0x0112:
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+        return 1
+      pos += 2 + length
+  except (KeyError, IndexError, ValueError):
+    pass
+  return 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+  """``image`` [H, W, C] as a viewer shows it under EXIF ``orientation`` (what cv2.imread and
+  Pillow's ``ImageOps.exif_transpose`` do): 2 mirror, 3 rotate 180°, 4 flip, 5 transpose,
+  6 rotate 90° clockwise, 7 transverse, 8 rotate 90° counter-clockwise."""
+  if orientation == 2:
+    return image[:, ::-1]
+  if orientation == 3:
+    return image[::-1, ::-1]
+  if orientation == 4:
+    return image[::-1]
+  if orientation == 5:
+    return image.transpose(1, 0, 2)
+  if orientation == 6:
+    return np.rot90(image, -1)
+  if orientation == 7:
+    return image[::-1, ::-1].transpose(1, 0, 2)
+  if orientation == 8:
+    return np.rot90(image, 1)
+  return image
+
+
+def decode_image(data: bytes, *, name: str = "", out: np.ndarray | None = None,
+                 exif: bool = False) -> np.ndarray:
   """Decodes encoded image bytes to uint8 RGB [H, W, 3].
 
   JPEG goes through libjpeg-turbo (simplejpeg); anything else (PNG, PGM, BMP, ...) through
@@ -31,6 +84,9 @@ def decode_image(data: bytes, *, name: str = "", out: np.ndarray | None = None) 
     out: a C-contiguous uint8 [H, W, 3] array. A JPEG of exactly that height and width is
       decoded straight into it (no allocation, no copy) and ``out`` is returned; any other
       image comes back in a new array, whatever its size, for the caller to check.
+    exif: apply the JPEG's EXIF Orientation tag (``orient``), as cv2.imread does: for image
+      files read loose (image folders, IJB crops, LFW-style pairs). Images stored in a
+      RecordIO or .bin set are used as stored (insightface's readers ignore the tag there).
 
   Raises:
     DataError: the bytes are not a decodable image; names ``name`` as its ``path``.
@@ -38,6 +94,10 @@ def decode_image(data: bytes, *, name: str = "", out: np.ndarray | None = None) 
   data = bytes(data)
   try:
     if data[:3] == _JPEG_MAGIC:
+      orientation = exif_orientation(data) if exif else 1
+      if orientation != 1:
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return np.ascontiguousarray(orient(image, orientation))
       if out is not None:
         # Reading the header costs little next to a decode and spares a copy.
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)

@@ -147,7 +147,8 @@ class ImageFolderSource:
       data = path.read_bytes()
     except OSError as e:
       raise DataError(f"cannot read: {e}", path=path, record=index, offset=0) from None
-    return {"image": data, "label": int(self.labels[index])}
+    # Loose files: a JPEG's EXIF Orientation is applied when it is decoded (as cv2.imread).
+    return {"image": data, "label": int(self.labels[index]), "exif": True}
 
 
 class TFDSSource:
@@ -298,19 +299,20 @@ def locate_example(source, index: int) -> dict[str, Any]:
 
 
 def decode_image(data, where: dict[str, Any] | None = None, *,
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, exif: bool = False) -> np.ndarray:
   """Decodes encoded image bytes (or checks an array) to HWC uint8 RGB.
 
   Bytes go through ``pixels.decode_image`` (JPEG by libjpeg-turbo, anything else by Pillow),
-  ``out`` included: a JPEG of ``out``'s size is decoded into it. Grey arrays are replicated to
-  3 channels.
+  ``out`` included: a JPEG of ``out``'s size is decoded into it; ``exif``: its EXIF Orientation
+  applied (an example with ``"exif": True``, from a loose file). Grey arrays are replicated
+  to 3 channels.
 
   Raises:
     DataError: the bytes are not a decodable image; names ``where`` (from ``locate``).
   """
   if not isinstance(data, np.ndarray):
     try:
-      return pixels.decode_image(data, out=out)
+      return pixels.decode_image(data, out=out, exif=exif)
     except DataError as e:
       raise DataError(e.reason, **(where or {})) from None
   image = data

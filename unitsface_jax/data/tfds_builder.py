@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
+from unitsface_jax.data import pixels
 from unitsface_jax.data import sources
 from unitsface_jax.data.errors import DataError
 
@@ -94,7 +95,8 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
     for index in range(len(source)):
       try:
         example = source[index]
-        image = _as_jpeg(example["image"], sources.locate_example(source, index))
+        image = _as_jpeg(example["image"], sources.locate_example(source, index),
+                         exif=example.get("exif", False))
       except DataError as e:
         if not self._skip_bad_records:
           raise
@@ -104,17 +106,20 @@ class FaceDataset(tfds.core.GeneratorBasedBuilder):
       yield index, {"image": image, "label": example["label"]}
 
 
-def _as_jpeg(image, where) -> bytes:
-  """JPEG bytes stay as they are (checked by decoding the header); others are re-encoded."""
+def _as_jpeg(image, where, *, exif: bool = False) -> bytes:
+  """JPEG bytes stay as they are (checked by decoding the header); others are re-encoded, and
+  so is a loose file's JPEG (``exif``) whose EXIF Orientation turns it (the data set's
+  readers use stored images as they are)."""
   import simplejpeg  # pylint: disable=g-import-not-at-top
-  if isinstance(image, (bytes, bytearray)) and bytes(image[:3]) == b"\xff\xd8\xff":
+  if (isinstance(image, (bytes, bytearray)) and bytes(image[:3]) == b"\xff\xd8\xff"
+      and not (exif and pixels.exif_orientation(bytes(image)) != 1)):
     try:
       simplejpeg.decode_jpeg_header(bytes(image))
     except ValueError as e:
       raise DataError(f"undecodable JPEG: {e}", **where) from None
     return bytes(image)
-  pixels = sources.decode_image(image, where)
-  return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=95, colorspace="RGB")
+  decoded = sources.decode_image(image, where, exif=exif)
+  return simplejpeg.encode_jpeg(np.ascontiguousarray(decoded), quality=95, colorspace="RGB")
 
 
 def builder_dir(out, config: str) -> str:

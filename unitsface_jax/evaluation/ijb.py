@@ -98,7 +98,7 @@ def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, chunk: int = 256
 
   def one(i: int) -> np.ndarray:
     path = crop_dir / meta.image_names[i]
-    img = pixels.decode_image(path.read_bytes(), name=str(path))
+    img = pixels.decode_image(path.read_bytes(), name=str(path), exif=True)
     return align.align_face(img, meta.landmarks[i], image_size)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:

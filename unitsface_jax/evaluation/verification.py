@@ -208,7 +208,7 @@ def load_pairs(image_dir: str | epath.PathLike, pairs_path: str | epath.PathLike
     rel = f"{person}/{person}_{num:04d}.{ext}"
     if rel not in cache:
       path = image_dir / rel
-      img = pixels.decode_image(path.read_bytes(), name=str(path))
+      img = pixels.decode_image(path.read_bytes(), name=str(path), exif=True)
       if crop == "center":
         img = align.center_crop(img, image_size)
       elif crop == "aligned":
