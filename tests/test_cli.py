@@ -6,14 +6,15 @@ from absl import flags
 import pytest
 
 from unitsface_jax import cli
+from unitsface_jax import errors
 from unitsface_jax import orbax_noise
 
 
 
 @pytest.fixture(autouse=True)
 def cpu_tuning_off():
-  """--nocpu_tuning, defined for the test only: the command lines that tests/command_lines.py
-  imports later in this process define it themselves."""
+  """--nocpu_tuning (and --verbose), defined for the test only: the command lines that
+  tests/command_lines.py imports later in this process define them themselves."""
   defined = "cpu_tuning" not in flags.FLAGS
   if defined:
     cli.define_flags()
@@ -25,6 +26,7 @@ def cpu_tuning_off():
   flags.FLAGS["cpu_tuning"].value = previous
   if defined:
     delattr(flags.FLAGS, "cpu_tuning")
+    delattr(flags.FLAGS, "verbose")
 
 
 class _Mistake(ValueError):
@@ -41,15 +43,22 @@ def _command(error):
   return main
 
 
-def test_each_kind_of_error_has_its_status_and_one_line(capsys):
+def test_each_kind_of_error_has_its_status_and_one_line(capsys, caplog, monkeypatch):
+  monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
   assert _command(None)(["prog"]) == 0
   assert _command(_Mistake("config.x = 1: must be 2"))(["prog"]) == cli.USAGE_STATUS
   assert capsys.readouterr().err == "error: config.x = 1: must be 2\n"
-  # A user error is checked before a failure, even when it is also one (a ValueError here).
+  # Every errors.UserError of the package is the user's, without being listed.
+  assert _command(errors.ConfigError("config.y: bad"))(["prog"]) == cli.USAGE_STATUS
+  assert capsys.readouterr().err == "error: config.y: bad\n"
   assert _command(ValueError("disk full"))(["prog"]) == cli.FAILED_STATUS
-  assert capsys.readouterr().err.splitlines()[-1] == "error: disk full"
+  assert capsys.readouterr().err == "error: disk full\n"
+  assert "Traceback" not in caplog.text
   with pytest.raises(KeyError):  # a bug keeps its traceback
     _command(KeyError("bug"))(["prog"])
+  monkeypatch.setenv(cli.VERBOSE_ENV, "1")  # or --verbose: the traceback too
+  assert _command(_Mistake("config.x = 1: must be 2"))(["prog"]) == cli.USAGE_STATUS
+  assert "Traceback" in caplog.text and "_Mistake" in caplog.text
 
 
 def test_the_prologue_quiets_orbax_for_the_process(caplog):

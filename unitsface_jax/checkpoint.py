@@ -35,6 +35,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from unitsface_jax import errors
 from unitsface_jax import models
 from unitsface_jax import orbax_noise
 from unitsface_jax.pytrees import path_names
@@ -65,11 +66,11 @@ def first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A readable checkpoint that belongs to another model or config."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(errors.UserError, ValueError):
   """No checkpoint of a run can be read."""
 
 

@@ -1,17 +1,18 @@
 """What every command line of the package does the same way (``main``, ``evaluate``,
 ``export``): its flags, the prologue before JAX starts, quieting, and the exit status.
 
-  @cli.command(usage_errors=(config_checks.ConfigError, ...), failures=(...))
+  @cli.command(usage_errors=(OSError,), failures=(train.NonFiniteLossError,))
   def main(argv) -> int: ...
 
   if __name__ == "__main__":
     cli.run(main)
 
-Exit status: 0 done; 2 the user's input is wrong (an exception in ``usage_errors``: one line,
-``error: ...``, no traceback); 1 the run stopped for a reason outside the package (one in
-``failures``: one line after the log's record of it); 3 a peer process of a multi-process run
-was lost (restart every process to resume). Anything else is a bug in the package and keeps
-its traceback.
+Exit status: 0 done; 2 the user's input is wrong (an ``errors.UserError``, or one of the
+command's ``usage_errors``: one line, ``error: ...``, no traceback); 1 the run stopped for a
+reason outside the package (one of its ``failures``: a non-finite loss, storage that refused a
+save; one line); 3 a peer process of a multi-process run was lost (restart every process to
+resume). Anything else is a bug in the package and keeps its traceback. ``--verbose`` (or
+``UNITSFACE_VERBOSE=1``) logs the traceback of the first two kinds as well.
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ from typing import Callable
 from absl import app, flags, logging
 
 from unitsface_jax import cpu_tuning
+from unitsface_jax import errors
 from unitsface_jax import orbax_noise
 from unitsface_jax import parallel
 
 USAGE_STATUS, FAILED_STATUS, PEER_LOST_STATUS = 2, 1, 3
+# Set to 1 in the environment: as --verbose.
+VERBOSE_ENV = "UNITSFACE_VERBOSE"
 
 
 def define_flags() -> None:
-  """The flags every command line has (``--cpu_tuning``); call it once, at import of the
-  command's module."""
+  """The flags every command line has (``--cpu_tuning``, ``--verbose``); call it once, at
+  import of the command's module."""
   cpu_tuning.define_flag()
+  flags.DEFINE_bool("verbose", False, "Also log the traceback of an error the command reports "
+                    f"in one line (the user's input, a stopped run); {VERBOSE_ENV}=1 too.")
+
+
+def _verbose() -> bool:
+  return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or bool(
+      getattr(flags.FLAGS, "verbose", False))
 
 
 def _error(e: BaseException) -> str:
@@ -47,7 +58,7 @@ def command(*, usage_errors: tuple[type[BaseException], ...] = (),
   The prologue, first, before JAX starts its backends (XLA reads ``XLA_FLAGS`` then, and a
   TPU is probed then): no TPU probe on a host without one (``cpu_tuning.skip_absent_tpu``),
   the CPU tuning unless ``--nocpu_tuning``, orbax quieted (``orbax_noise.install``).
-  ``usage_errors`` are checked before ``failures``.
+  ``errors.UserError`` and ``usage_errors`` are checked before ``failures``.
   """
   def decorate(main: Callable[[list[str]], int | None]):
     @functools.wraps(main)
@@ -63,14 +74,16 @@ def command(*, usage_errors: tuple[type[BaseException], ...] = (),
       except Exception as e:  # pylint: disable=broad-except
         if parallel.lost_peer(e):
           _exit_peer_lost(e)
-        if isinstance(e, usage_errors):
-          print(_error(e), file=sys.stderr)
-          return USAGE_STATUS
-        if isinstance(e, failures):
+        if isinstance(e, (errors.UserError, *usage_errors)):
+          status = USAGE_STATUS
+        elif isinstance(e, failures):
+          status = FAILED_STATUS
+        else:
+          raise
+        if _verbose():
           logging.exception("stopped")
-          print(_error(e), file=sys.stderr)
-          return FAILED_STATUS
-        raise
+        print(_error(e), file=sys.stderr)
+        return status
     return run_command
   return decorate
 

@@ -14,6 +14,7 @@ import socket
 import ml_collections
 from etils import epath
 
+from unitsface_jax import errors
 from unitsface_jax import head
 from unitsface_jax import models
 from unitsface_jax import optim
@@ -23,8 +24,7 @@ from unitsface_jax.data import sources
 from unitsface_jax.losses import registry
 
 
-class ConfigError(ValueError):
-  """A config field holds a value the run cannot use."""
+ConfigError = errors.ConfigError
 
 
 def _require(ok: bool, field: str, value, what: str) -> None:

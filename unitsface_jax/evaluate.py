@@ -24,8 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from unitsface_jax import cli, storage
-from unitsface_jax.data.errors import DataError
+from unitsface_jax import cli, errors, storage
 from unitsface_jax.evaluation import extract, ijb, megaface, report, verification
 
 FLAGS = flags.FLAGS
@@ -61,7 +60,7 @@ _PATH_FLAGS = ("data", "workdir", "features", "params", "out", "pairs", "facescr
                "megaface_list", "facescrub_noises", "megaface_noises")
 
 
-class InputError(Exception):
+class InputError(errors.UserError):
   """A model input the run cannot use (weights or a checkpoint of another architecture)."""
 
 
@@ -184,8 +183,7 @@ def _model_apply_fn() -> extract.ApplyFn:
 
 # A missing or unreadable input: one line that names it, exit status 2, instead of a
 # traceback or the flags' help.
-@cli.command(usage_errors=(OSError, InputError, DataError, verification.UnsafePickleError,
-                           storage.MissingExtraError))
+@cli.command(usage_errors=(OSError,))
 def main(argv) -> int:
   del argv
   if not FLAGS.data:

@@ -16,11 +16,11 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from unitsface_jax import checkpoint, models
+from unitsface_jax import checkpoint, errors, models
 from unitsface_jax.export import params_io, state_dict
 
 
-class InitError(ValueError):
+class InitError(errors.UserError, ValueError):
   """``config.init.backbone`` cannot start this run's backbone (one line, naming the key)."""
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from unitsface_jax import checkpoint, cli, config_checks, finetune, models, parallel, storage
+from unitsface_jax import checkpoint, cli, config_checks, models, parallel, storage
 from unitsface_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
@@ -28,13 +28,10 @@ cli.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-@cli.command(
-    # The user's input: the config, a path, a weight file that does not fit, a workdir whose
-    # checkpoints cannot be read (the message names the directory).
-    usage_errors=(config_checks.ConfigError, storage.MissingExtraError, finetune.InitError,
-                  checkpoint.UnreadableCheckpointError),
-    # The run stopped: a non-finite loss, storage that refused a save, a bad record.
-    failures=(train.NonFiniteLossError, checkpoint.CheckpointWriteError, ValueError))
+# The user's input (errors.UserError: the config, a path, the data, a weight file that does
+# not fit, a workdir whose checkpoints cannot be read or belong to another run): exit 2. The
+# run stopped: a non-finite loss, storage that refused a save: exit 1.
+@cli.command(failures=(train.NonFiniteLossError, checkpoint.CheckpointWriteError))
 def main(argv) -> int:
   del argv
   config = _CONFIG.value

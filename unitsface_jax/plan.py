@@ -28,6 +28,8 @@ import sys
 import tempfile
 from typing import Any
 
+from unitsface_jax import errors
+
 # The chips, as Cloud TPU publishes them (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p,
 # /v6e, "System architecture"): bf16 peak per chip, HBM capacity and bandwidth per chip, and
 # the inter-chip interconnect bandwidth per chip in one direction (the pages give 2,400 /
@@ -63,7 +65,7 @@ _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
 HBM_MARGIN = 0.10
 
 
-class PlanError(ValueError):
+class PlanError(errors.UserError, ValueError):
   """A user's input the plan cannot use (one line, exit 2)."""
 
 

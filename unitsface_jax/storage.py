@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
+from unitsface_jax import errors
 
 GCS_INSTALL = "pip install 'unitsface_jax[gcs]'"
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(errors.UserError, ImportError):
   """A ``gs://`` path was given but the GCS filesystem (the ``gcs`` extra) is not installed."""
 
 

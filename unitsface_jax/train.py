@@ -33,6 +33,7 @@ from etils import epath
 from flax import nnx
 
 from unitsface_jax import checkpoint as checkpoint_lib
+from unitsface_jax import errors
 from unitsface_jax import finetune
 from unitsface_jax import head as head_lib
 from unitsface_jax import losses, metric_writer, models, optim, parallel, pytrees, run_control
@@ -426,8 +427,20 @@ class Run:
 def check_batch_layout(batch_size: int, num_devices: int, num_processes: int) -> None:
   """The global batch must split evenly over the devices and the processes."""
   if batch_size % num_devices or batch_size % num_processes:
-    raise ValueError(f"config.batch_size = {batch_size} must divide evenly over "
+    raise errors.ConfigError(f"config.batch_size = {batch_size} must divide evenly over "
                      f"{num_devices} devices and {num_processes} processes")
+
+
+def _check_same_classes(config: ml_collections.ConfigDict, ckpt, step: int) -> None:
+  """A run resumes only with the class count it was saved with: W and M are restored onto any
+  device count by cutting or zero-padding their padded rows, which would otherwise turn a
+  changed ``data.num_classes`` into untrained (or dropped) classes without a word."""
+  saved = ckpt.restore_config(step).get("data", {}).get("num_classes")
+  if saved is not None and saved != config.data.num_classes:
+    raise checkpoint_lib.CheckpointMismatchError(
+        f"config.data.num_classes = {config.data.num_classes}, but checkpoint {step} in "
+        f"{ckpt.directory} was trained with {saved}: resume with "
+        f"--config.data.num_classes={saved}, or use another --workdir")
 
 
 def setup(config: ml_collections.ConfigDict, workdir) -> Run:
@@ -443,7 +456,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
 
   source = make_source(config)
   if source.num_classes != config.data.num_classes:
-    raise ValueError(f"config.data.num_classes = {config.data.num_classes} but the source "
+    raise errors.ConfigError(f"config.data.num_classes = {config.data.num_classes} but the source "
                      f"has {source.num_classes} classes")
   steps_per_epoch = pipeline_lib.steps_per_epoch(len(source), config.batch_size)
   data = make_data_iterator(config, source)
@@ -458,6 +471,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
                                     keep=config.keep_checkpoints)
   latest, state = checkpoint_lib.restore_latest(ckpt, state, mesh, data_iterator=data)
   if latest is not None:
+    _check_same_classes(config, ckpt, latest)
     logging.info("resumed from step %d in %s", latest, ckpt.directory)
   elif config.init.backbone:
     # Fine-tuning: the backbone's weights and BatchNorm statistics before step 0 (a resumed

@@ -6,8 +6,10 @@ every ``DataError`` names the file, the record index and the byte offset when th
 
 from __future__ import annotations
 
+from unitsface_jax import errors
 
-class DataError(ValueError):
+
+class DataError(errors.UserError, ValueError):
   """Bad input data: a broken RecordIO record, an undecodable image, a label out of range.
 
   Attributes:

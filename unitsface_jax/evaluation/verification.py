@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from unitsface_jax import errors
 from unitsface_jax.evaluation import extract, metrics
 from unitsface_jax.data import align, pixels
 
@@ -45,7 +46,7 @@ _SAFE_OPCODES = frozenset({
 LFW_THRESHOLDS = np.arange(0, 4, 0.01)
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(errors.UserError, pickle.UnpicklingError):
   """A pickle holds an opcode outside the data-only allow-list (it could run code)."""
 
 

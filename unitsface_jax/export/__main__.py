@@ -34,7 +34,7 @@ class UsageError(ValueError):
 
 
 # A weight file or checkpoint that cannot be read or does not fit, a missing file or extra.
-@cli.command(usage_errors=(ValueError, FileNotFoundError, storage.MissingExtraError))
+@cli.command(usage_errors=(ValueError, FileNotFoundError))
 def main(argv) -> int:
   del argv
   storage.require_gcs_all({"--params": _PARAMS.value, "--workdir": _WORKDIR.value,
