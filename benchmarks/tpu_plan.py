@@ -98,7 +98,13 @@ def main():
         print(f"{recipe} {topology}: {'fits' if result['fits'] else 'does not fit'}, "
               f"{result['hbm_bytes_per_chip'] / GIB:.2f} GiB, {result['wall_s']:.0f} s",
               file=sys.stderr, flush=True)
-  print(table(done))
+  print(table(sorted(done, key=_order)))
+
+
+def _order(row: dict):
+  """Recipes in RECIPES' order, then generations v4, v5e, v5p, v6e, then chips."""
+  recipe = RECIPES.index(row["recipe"]) if row["recipe"] in RECIPES else len(RECIPES)
+  return recipe, row["generation"], row["chips"], row.get("extra", "")
 
 
 def _name(topology: str) -> str:

@@ -88,13 +88,14 @@ def test_prepare_skips_bad_records_and_pipeline_reads_the_result(tmp_path):
 
 def test_data_layer_imports_no_jax_and_no_model_code():
   """docs/design.md layering: the reading and decoding code runs in worker processes; it must not
-  pull in JAX or any higher layer; ``storage`` (paths) is the one module outside it. (grain,
-  used by pipeline.py, imports jax by itself.)"""
+  pull in JAX or any higher layer; ``storage`` (paths) and ``errors`` (the exception base
+  classes, which import nothing) are the modules outside it. (grain, used by pipeline.py,
+  imports jax by itself.)"""
   code = ("import sys; import unitsface_jax.data.recordio, unitsface_jax.data.sources, "
           "unitsface_jax.data.align, unitsface_jax.data.demo, unitsface_jax.data.pixels; "
           "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax')) or "
           "(m.startswith('unitsface_jax.') and not m.startswith('unitsface_jax.data') and "
-          "m != 'unitsface_jax.storage')]; "
+          "m not in ('unitsface_jax.storage', 'unitsface_jax.errors'))]; "
           "print(bad); sys.exit(1 if bad else 0)")
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
