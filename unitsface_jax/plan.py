@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
+import importlib.metadata
 import json
 import math
 import os
@@ -88,6 +90,11 @@ def _stderr_to_file():
   exception libtpu raises."""
   sys.stderr.flush()
   saved = os.dup(2)
+  # A crash inside libtpu (a signal, no exception) still reaches the user: Python's fault
+  # handler writes where it happened to the terminal's stderr, not to the dropped file.
+  crash_report = os.fdopen(os.dup(saved), "w")
+  handler_was_on = faulthandler.is_enabled()
+  faulthandler.enable(file=crash_report)
   with tempfile.TemporaryFile(mode="w+b") as sink:
     os.dup2(sink.fileno(), 2)
     try:
@@ -96,6 +103,11 @@ def _stderr_to_file():
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
+      faulthandler.disable()
+      crash_report.close()
+      if handler_was_on:  # as ``python -X faulthandler`` had it
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+          faulthandler.enable(file=sys.__stderr__)
 
 
 def topology_devices(generation: str, name: str) -> list:
@@ -266,6 +278,13 @@ def make_mesh(devices):
                            axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def _libtpu_version() -> str:
+  try:
+    return importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown version"
+
+
 def compile_step(config, devices):
   """(compiled train step, abstract state) of ``config`` on a mesh of ``devices``."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -282,6 +301,9 @@ def compile_step(config, devices):
   batch = train.Batch(jax.ShapeDtypeStruct((b, 112, 112, 3), jnp.uint8, sharding=rows),
                       jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows),
                       jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rows))
+  # Minutes for a large recipe on a small host; a crash inside libtpu then has a context.
+  print(f"compiling the train step for {len(devices)} {devices[0].device_kind} devices "
+        f"(XLA:TPU {_libtpu_version()})...", file=sys.stderr, flush=True)
   with _stderr_to_file(), models.target_platform("tpu"):
     compiled = step.lower(state, batch).compile()
   return compiled, state
