@@ -33,12 +33,10 @@ from unitsface_jax.parallel import padded_classes
 
 
 def __getattr__(name: str):
-  """``S2C_LOSSES``, ``S2S_LOSSES`` and ``S2C_OPTIONS``: the registry's names, read when
-  asked (a loss registered later is in them)."""
+  """``S2C_LOSSES`` and ``S2C_OPTIONS``: the registry's names, read when asked (a loss
+  registered later is in them)."""
   if name == "S2C_LOSSES":
     return registry.s2c_names()
-  if name == "S2S_LOSSES":
-    return registry.s2s_names()
   if name == "S2C_OPTIONS":
     return tuple(registry.option_defaults("s2c"))
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

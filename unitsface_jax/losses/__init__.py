@@ -34,7 +34,6 @@ from unitsface_jax.losses.s2c.curricularface import curricularface
 from unitsface_jax.losses.s2c.magface import magface
 from unitsface_jax.losses.s2c.normalized_bce import normalized_bce
 from unitsface_jax.losses.s2c.uce import uce
-from unitsface_jax.losses.s2s import uss as _uss
 from unitsface_jax.losses.s2s.s2s_bce import s2s_bce
 from unitsface_jax.losses.s2s.s2s_softmax import s2s_softmax
 from unitsface_jax.losses.s2s.uss import uss
@@ -70,8 +69,9 @@ __all__ = [
 
 
 def _module_path(name: str, doc: str, **members) -> types.ModuleType:
-  """A module at ``unitsface_jax.losses.<name>`` holding ``members``: the module paths of
-  the layout before one file per loss, for code that imports them."""
+  """A module at ``unitsface_jax.losses.<name>`` holding ``members``: the two module paths of
+  the layout before one file per loss that code still imports (``losses.margin``,
+  ``losses.sample_to_class``)."""
   module = types.ModuleType(f"{__name__}.{name}", doc)
   module.__dict__.update(members)
   sys.modules[module.__name__] = module
@@ -91,7 +91,3 @@ sample_to_class = _module_path(
     "sample_to_class", "Former home of CosFace, ArcFace, normalized BCE and UCE.",
     arcface_logits=_arcface.arcface_logits, arcface=arcface, cosface=cosface,
     normalized_bce=normalized_bce, uce=uce, initial_bce_bias=initial_bce_bias)
-sample_to_sample = _module_path(
-    "sample_to_sample", "Former home of the sample-to-sample losses.",
-    uss=uss, uss_parts=_uss.uss_parts, s2s_softmax=s2s_softmax, s2s_bce=s2s_bce,
-    init_threshold_bias=init_threshold_bias, threshold_bias_for_step=threshold_bias_for_step)
