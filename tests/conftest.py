@@ -1,12 +1,14 @@
 """Shared pytest setup: where the bundled test data lives, the one CPU device this process
-runs on, ports for jax.distributed, the runner of tests/multidevice, Hypothesis's fixed
-examples, and the slow tests first."""
+runs on, the session's compilation cache, ports for jax.distributed, the runner of
+tests/multidevice, Hypothesis's fixed examples, and the slow tests first."""
 
 import os
 import pathlib
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from xml.etree import ElementTree
 
 import hypothesis
@@ -53,7 +55,9 @@ def free_port():
 
 # Tests marked slow (child-process trainings, benchmarks, multi-device runs) are collected
 # first, so that `pytest -n 2` starts them on both workers at once and the many short tests
-# fill in around them, instead of the long ones running last on one worker.
+# fill in around them, instead of the long ones running last on one worker; and a worker that
+# runs out of tests takes the other's queued ones (`--dist worksteal`, pyproject.toml), so
+# neither waits idle at the end.
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
@@ -79,9 +83,29 @@ def _multidevice_session(config) -> bool:
   return bool(paths) and all(p.is_relative_to(TESTS_DIR / "multidevice") for p in paths)
 
 
+# One persistent compilation cache for the whole session, set in the environment before JAX
+# starts: the xdist workers, the in-process trainings and every child process (trainings,
+# command lines, tests/multidevice) share it, so a program compiled once (the smoke step, its
+# initialiser, the evaluation) is loaded by every later run of the same configuration. A cached
+# executable is the same program, so results stay bitwise comparable. A maximum size turns on
+# JAX's file lock, so that no process reads an entry another is still writing. The tests of
+# the workdir's own cache (``config.compilation_cache``) remove these variables for their run.
+SESSION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+_session_cache = None
+
+
 def pytest_configure(config):
+  global _session_cache
   if _multidevice_session(config) or "jax" in sys.modules:
     return
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller: its workers inherit it
+    _session_cache = tempfile.mkdtemp(prefix="unitsface_test_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+    # Every program, not only those over 1 s: each child process compiles the same small ones
+    # (the evaluation's forward pass, the data fingerprint, the device_put helpers).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PLATFORMS"] = "cpu"
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith(_DEVICE_COUNT_FLAG)]
@@ -89,6 +113,12 @@ def pytest_configure(config):
     os.environ["XLA_FLAGS"] = " ".join(kept)
   else:
     os.environ.pop("XLA_FLAGS", None)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _session_cache is not None:
+    shutil.rmtree(_session_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -46,6 +46,11 @@ def numpy_state(net):
   return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
 
+# A backbone's forward pass as one compiled program: op by op (eager), every operation of a
+# MobileFaceNet is compiled on its own, for each batch size (16 s against 2 s).
+forward = nnx.jit(lambda model, x: model(x))
+
+
 def images(n, seed=0):
   return np.random.RandomState(seed).uniform(-1, 1, (n, 112, 112, 3)).astype(np.float32)
 
@@ -63,7 +68,7 @@ def test_parity_with_pytorch_twin_and_bitwise_round_trip(name, width):
   x = images(3)
   with torch.no_grad():
     ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-  out = np.asarray(model(jnp.asarray(x)))
+  out = np.asarray(forward(model, jnp.asarray(x)))
   err = np.abs(out - ref).max(axis=1)
   assert np.all(err <= 1e-4 * np.linalg.norm(ref, axis=1)), (err, np.linalg.norm(ref, axis=1))
   back = export.torch_state_dict(model)
@@ -191,7 +196,7 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path, name, width)
   for n in (1, 7):
     x = images(n, seed=n)
     got = sess.run(None, {"data": x.transpose(0, 3, 1, 2)})[0]
-    want = np.asarray(model(jnp.asarray(x)))
+    want = np.asarray(forward(model, jnp.asarray(x)))
     assert got.shape == (n, 512)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -283,7 +288,7 @@ def test_export_cli_writes_each_format_of_the_chosen_step(run_dir, tmp_path, fmt
     ort = pytest.importorskip("onnxruntime")
     x = images(3, seed=1)
     got = ort.InferenceSession(str(out)).run(None, {"data": x.transpose(0, 3, 1, 2)})[0]
-    want = np.asarray(model(jnp.asarray(x)))
+    want = np.asarray(forward(model, jnp.asarray(x)))
     assert got.shape == (3, 32)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     return
@@ -297,7 +302,7 @@ def test_export_cli_writes_each_format_of_the_chosen_step(run_dir, tmp_path, fmt
   loaded.eval()
   assert loaded_name == name
   x = jnp.asarray(images(2, seed=2))
-  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
 
 
 def test_export_cli_errors_name_the_input_and_exit_2(run_dir, tmp_path, capsys):

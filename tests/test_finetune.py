@@ -8,7 +8,6 @@ code. The fine-tuning data are the LFW faces of tests/data/lfw62_112_head4 (4 id
 fold 1 (tests/data/eval/lfw_fold1.bin: 600 pairs of 807 other images, none of the 40).
 """
 
-import atexit
 import importlib.util
 import json
 import os
@@ -17,7 +16,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -169,13 +167,8 @@ def test_head_only_steps_train_the_head_alone(exported):
 # ----------------------------------------------------------------------------------------
 # Fine-tuning runs, each a child process (tests/train_run.py, one device) as in test_train.
 
-_CACHE = tempfile.mkdtemp(prefix="unitsface_test_finetune_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-
-
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR=_CACHE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   env.pop("XLA_FLAGS", None)
   return env
 

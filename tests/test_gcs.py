@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 from etils import epath
@@ -157,7 +158,8 @@ def gs_run(gcs, demo_on_gcs, tiny_reference):
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = "gs://test/runs/killed"
   env = _train_env()
-  env.pop("JAX_COMPILATION_CACHE_DIR")
+  for name in conftest.SESSION_CACHE_VARIABLES:  # this run keeps its own, in the workdir
+    env.pop(name, None)
   flags = [*TINY, f"--config.data.path={demo_on_gcs}"]
   proc = test_train.run(1, workdir, *flags, "--config.debug.signal_after_step=6",
                         "--config.debug.signal=SIGKILL", env=env)

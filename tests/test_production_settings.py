@@ -3,9 +3,9 @@
 Runs are in process (but the 2-device one) on the tiny trunk (IResNet-18 at width 4, 32-d
 embeddings) over the first 16 demo images (2 identities): batch 8, 2 steps an epoch, 4 steps
 (CosFace alone in epoch 0, + USS in epoch 1), checkpoints every 2 steps, dropout 0.4 as in the
-default recipe. Runs of one configuration compile the same programs, so this module keeps
-JAX's persistent compilation cache in a temporary folder: a cached executable is the same
-program, so results stay bitwise comparable.
+default recipe. Runs of one configuration compile the same programs, which the session's
+compilation cache (tests/conftest.py) then loads: a cached executable is the same program, so
+results stay bitwise comparable.
 """
 
 import json
@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import demo as demo_config
 from unitsface_jax import checkpoint, head, optim, parallel, pytrees, train
@@ -116,18 +115,6 @@ def assert_bitwise_equal(want, got):
   different = [k for k in want
                if want[k].dtype != got[k].dtype or want[k].tobytes() != got[k].tobytes()]
   assert not different, different[:10]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_for_this_module(tmp_path_factory):
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_entry_size_bytes")
-  before = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  compilation_cache.reset_cache()
-  yield
-  for k, v in before.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
