@@ -140,6 +140,11 @@ def get_config(arg=None):
   # (JAX_COMPILATION_CACHE_DIR, when set, is used instead).
   config.compilation_cache = True
 
+  # A step that has not finished after this many seconds ends the process (exit 3, as a lost
+  # peer: a hung collective; restart every process to resume). 0: automatic, 20 median steps
+  # and at least 5 minutes, after 3 warm-up steps; < 0: off (run_control.StepWatchdog).
+  config.step_timeout_s = 0.0
+
   config.log_every_steps = 50
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3

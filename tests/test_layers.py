@@ -31,9 +31,10 @@ ALLOWED = {
     "export": {"models"},
     "finetune": {"checkpoint", "export", "models"},
     "run_control": {"parallel"},
+    "lease": {"parallel", "storage"},
     "cli": {"cpu_tuning", "orbax_noise", "parallel"},
     "train": {"checkpoint", "head", "losses", "metric_writer", "models", "optim", "parallel",
-              "pytrees", "run_control", "data", "evaluation", "cpu_tuning", "finetune"},
+              "pytrees", "run_control", "lease", "data", "evaluation", "cpu_tuning", "finetune"},
 }
 # Parts every part may import: the exception base classes (errors.py imports nothing).
 EVERYONE = {"errors"}

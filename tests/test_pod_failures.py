@@ -2,8 +2,13 @@
 process lost mid-run, an unreadable latest checkpoint. Tiny smoke runs in child processes
 (``tests/train_run.py``), as in tests/test_train.py."""
 
+import os
 import pathlib
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +16,7 @@ import pytest
 
 import command_lines
 from test_launch import launch_local
-from test_train import _env, metrics, ok, run, run_two_processes, steps
+from test_train import ROOT, RUN, SMOKE, _env, metrics, ok, run, run_two_processes, steps
 from unitsface_jax import run_control
 from unitsface_jax.data import demo as demo_data
 
@@ -34,6 +39,64 @@ def test_step_queue_lets_at_most_one_pushed_step_run():
     queue.push(x)
     assert len(queue.pending) == run_control.MAX_STEPS_IN_FLIGHT - 1
     assert all(p.is_ready() for p in pushed[:-1])  # every earlier step has finished
+
+
+class _NeverReady:
+  def is_ready(self):
+    return False
+
+
+class _Ready:
+  def is_ready(self):
+    return True
+
+
+def test_the_automatic_step_timeout_is_twenty_median_steps_with_a_floor():
+  watchdog = run_control.StepWatchdog(0.0)
+  watchdog._thread = object()  # pylint: disable=protected-access  # timed, not started
+  for step in range(1, run_control.WATCHDOG_WARMUP_STEPS + 1):
+    watchdog.dispatched(step, _Ready())
+  assert watchdog.bound() is None  # the warm-up steps are not timed
+  times = watchdog._dispatch_times  # pylint: disable=protected-access
+  times.extend([0.0, 20.0, 40.0, 60.0, 90.0])  # median interval 20 s
+  assert watchdog.bound() == 400.0
+  times.clear()
+  times.extend([0.0, 0.1, 0.2, 0.3])
+  assert watchdog.bound() == run_control.WATCHDOG_FLOOR_S
+  assert run_control.StepWatchdog(7.0).bound() == 7.0
+
+
+_HUNG = """
+import sys, time
+from unitsface_jax import run_control
+
+class Output:
+  def __init__(self, ready):
+    self.ready = ready
+  def is_ready(self):
+    return self.ready
+
+with run_control.StepWatchdog(float(sys.argv[1])) as watchdog:
+  for step in range(1, 6):
+    watchdog.dispatched(step, Output(True))
+  watchdog.dispatched(6, Output(False))
+  print("dispatched", flush=True)
+  time.sleep(60)
+print("not stopped")
+"""
+
+
+def test_a_step_that_does_not_finish_ends_the_process_in_one_line():
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", _HUNG, "2"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+  elapsed = time.monotonic() - start
+  assert proc.returncode == run_control.HUNG_STATUS, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["dispatched"] and elapsed < 30
+  assert proc.stderr.startswith("error: step 6 has not finished after "), proc.stderr
+  assert (f" s (config.step_timeout_s bound 2 s) on {socket.gethostname()}, process 0 of 1: a "
+          "peer process or a collective hangs; stopping." in proc.stderr), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def _truncate_largest_array_file(step_dir: pathlib.Path) -> None:
@@ -129,4 +192,46 @@ def test_a_lost_peer_stops_the_other_process_and_both_resume(tmp_path, free_port
   for log in logs:
     assert "Connecting to JAX distributed service on 127.0.0.1:" in log
     assert "resumed from step 4" in log
+  assert steps(workdir) == [4, 8] and max(metrics(workdir)) == 8
+
+
+@pytest.mark.slow
+def test_a_hung_peer_ends_the_other_process_within_the_step_timeout(tmp_path, free_port):
+  """Process 1 stops itself (SIGSTOP) after step 5, alive but silent, its checkpoint 4 on
+  disk: process 0 waits in step 6's collectives until its step timeout (10 s) ends it, one
+  line naming the step and the host, exit 3, well before the coordination service's 100 s
+  heartbeat timeout. The run started again resumes from 4."""
+  env = _env(UNITSFACE_NO_XLA_FLAGS="1")
+  flags = [*TINY, "--config.checkpoint_every_steps=4", "--config.step_timeout_s=10"]
+  stop = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGSTOP"]
+  workdir, port = tmp_path / "run", free_port()
+  logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(
+      [sys.executable, str(RUN), "2", SMOKE, f"--workdir={workdir}", *flags,
+       *(stop if i else ()), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[i])
+           for i in range(2)]
+  try:
+    _, status = os.waitpid(procs[1].pid, os.WUNTRACED)
+    stopped = time.monotonic()
+    assert os.WIFSTOPPED(status), status
+    code0 = procs[0].wait(timeout=300)
+    elapsed = time.monotonic() - stopped
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs[0].seek(0)
+  err0 = logs[0].read()
+  assert code0 == run_control.HUNG_STATUS, err0[-3000:]
+  lines = [l for l in err0.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and lines[0].startswith("error: step 6 has not finished after "), err0[-3000:]
+  assert f"on {socket.gethostname()}, process 0 of 2" in lines[0] and "Traceback" not in err0
+  assert elapsed <= 10 + 10, elapsed
+  assert steps(workdir) == [4]
+  code, err, left = launch_local(tmp_path, workdir, *flags, devices=2, env=env, timeout=300)
+  logs = [(tmp_path / f"unitsface_proc{i}.log").read_text() for i in range(2)]
+  assert code == 0 and not left, (err, [log[-3000:] for log in logs])
+  assert all("resumed from step 4" in log for log in logs)
   assert steps(workdir) == [4, 8] and max(metrics(workdir)) == 8

@@ -5,7 +5,6 @@ count and be killed. ``configs/demo.py:smoke`` is 16 steps of batch 8 on 64 imag
 alone in epoch 0 (steps 1-8), CosFace + USS in epoch 1 (steps 9-16), checkpoints every 4.
 """
 
-import atexit
 import json
 import os
 import pathlib
@@ -31,16 +30,11 @@ SMOKE = "--config=configs/demo.py:smoke"
 pytestmark = pytest.mark.slow
 
 
-# One compilation cache for every run of this module: the runs compile the same few programs
-# (the smoke step on 1, 2 and 4 devices), and a cached executable is the same program, so
-# results stay bitwise comparable. Without it this module is most of the suite's time.
-_CACHE = tempfile.mkdtemp(prefix="unitsface_test_jax_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-
-
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR=_CACHE, **extra)
+  """The runs' environment: CPU, the repository on the path, the session's compilation cache
+  (tests/conftest.py: the runs compile the same few programs, the smoke step on 1, 2 and 4
+  devices), no device count of the caller's."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
   env.pop("XLA_FLAGS", None)
   return env
 
@@ -154,12 +148,16 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, tmp_pa
   proc = ok(run(1, workdir, "--config.debug.signal_after_step=6"))
   assert "preemption requested: saving step 6 and stopping" in proc.stderr
   assert steps(workdir) == [4, 6] and max(metrics(workdir)) == 6
+  assert not (workdir / "lease.json").exists()  # given back
   # SIGKILL after step 14: steps 13 and 14 are lost, checkpoint 12 is the latest.
   proc = run(1, workdir, "--config.debug.signal_after_step=14", "--config.debug.signal=SIGKILL")
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
-  assert "resumed from step 6" in proc.stderr
+  assert "resumed from step 6" in proc.stderr and "taking over the lease" not in proc.stderr
   assert steps(workdir) == [6, 8, 12] and max(metrics(workdir)) == 14
+  killed = json.loads((workdir / "lease.json").read_text())["pid"]
+  # Relaunched at once: the killed run's lease names a process that has ended.
   proc = ok(run(1, workdir))
+  assert f"its process {killed} on this host has ended" in proc.stderr, proc.stderr[-4000:]
   assert "resumed from step 12" in proc.stderr and steps(workdir) == [8, 12, 16]
   want, got = metrics(reference), metrics(workdir)
   assert {s: (m["loss"], m["data_fingerprint"]) for s, m in got.items()} == {
@@ -168,6 +166,42 @@ def test_sigterm_then_sigkill_then_resume_is_bitwise_identical(reference, tmp_pa
   assert want.keys() == got.keys()
   different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
   assert not different, different[:10]  # weights, memory bank, optimizer state, b, step
+
+
+def test_a_second_run_on_the_workdir_is_refused_and_the_first_finishes_as_if_alone(
+    reference, tmp_path):
+  """Two runs on one workdir (a relaunch while the old job still runs): the second stops
+  before it touches anything, in one line naming the first; the first, paused by its drill
+  while the second tries, finishes bitwise as the uninterrupted run."""
+  workdir = tmp_path / "shared"
+  first = start(1, workdir, "--config.eval.every_steps=16", "--config.debug.signal_after_step=6",
+                "--config.debug.signal=SIGSTOP")
+  try:
+    _, status = os.waitpid(first.pid, os.WUNTRACED)  # paused after step 6, checkpoint 4 on disk
+    assert os.WIFSTOPPED(status), first.stderr.read()[-4000:]
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    second = run(1, workdir, "--config.eval.every_steps=16")
+    assert second.returncode == 2, second.stderr[-4000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-4000:]
+    assert errors[0].startswith(f"error: {workdir} is in use by another run (process "
+                                f"{first.pid} on {socket.gethostname()}"), errors[0]
+    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    assert after.keys() == before.keys()
+    assert [p for p in before if before[p] != after[p]] in ([], [workdir / "lease.json"])
+    first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.communicate()
+  assert first.returncode == 0, err[-4000:]
+  assert not (workdir / "lease.json").exists()
+  want, got = metrics(reference), metrics(workdir)
+  assert {s: m["loss"] for s, m in got.items()} == {s: m["loss"] for s, m in want.items()}
+  want, got = saved_state(reference, 16), saved_state(workdir, 16)
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert want.keys() == got.keys() and not different, different[:10]
 
 
 def test_resume_on_other_device_counts_continues_the_uninterrupted_run(reference, tmp_path):
@@ -358,3 +392,26 @@ def test_compilation_cache_goes_to_the_workdir_unless_one_is_set(tmp_path):
     assert train.use_compilation_cache(on, tmp_path / "other") == str(tmp_path / "mine")
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_the_initialiser_compiled_at_o1_gives_the_default_compiles_parameters():
+  """``init_state`` compiles at LLVM -O1 on the CPU (for its compile time): the state is
+  bitwise the one the default optimisation level gives, for the backbone, the head (with a
+  class bias and statistics: AdaFace) and the optimiser."""
+  import jax
+  from configs import demo
+  from unitsface_jax import optim
+  from unitsface_jax import parallel
+  from unitsface_jax import train
+  config = demo.get_config("smoke,adaface")
+  config.model.width = 4
+  mesh = parallel.mesh_from_config(config)
+  tx = optim.make(config, 2)
+  _, _, state = train.init_state(config, mesh, tx, jax.random.key(3))
+  _, _, _, shardings, create = train._state_layout(config, mesh, tx)  # pylint: disable=protected-access
+  want = jax.jit(lambda k: create(k)[2], out_shardings=shardings)(jax.random.key(3))
+  got, want = jax.tree.leaves(state), jax.tree.leaves(want)
+  assert len(got) == len(want) > 50
+  different = [i for i, (g, w) in enumerate(zip(got, want))
+               if np.asarray(g).tobytes() != np.asarray(w).tobytes()]
+  assert not different, different

@@ -65,5 +65,43 @@ def test_a_changed_class_count_on_resume(tmp_path):
 
 
 def test_a_learning_rate_that_explodes(tmp_path):
-  _one_line(*_main(tmp_path / "run", "--config.optimizer.lr=1e30",
-                   "--config.optimizer.clip_norm=0"), 1, "NaN/inf at step")
+  """The line names the first non-finite term, its step, the learning rate and the checkpoint
+  kept (the smoke run saves every 4 steps)."""
+  status, errors, stderr = _main(tmp_path / "run", "--config.optimizer.lr=1e30",
+                                 "--config.optimizer.clip_norm=0")
+  _one_line(status, errors, stderr, 1, "became NaN/inf at step", "with learning rate 1e+30",
+            "lower optimizer.lr")
+  line = errors[0]
+  bad = int(line.split("NaN/inf at step ")[1].split()[0])
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert all(step < bad for step in saved), (saved, line)
+  if saved:
+    assert f"checkpoint {saved[-1]} in {tmp_path / 'run' / 'checkpoints'} is kept" in line, line
+  else:
+    assert "no checkpoint was written before it" in line, line
+  assert any(term in line for term in ("the sample-to-class (s2c) loss",
+                                       "the sample-to-sample (s2s) loss", "the gradient norm")), line
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"s2c": 1.0, "s2s": float("nan"), "grad_norm": float("inf")},
+     "the sample-to-sample (s2s) loss"),
+    ({"s2c": float("inf"), "s2s": float("nan"), "grad_norm": float("nan")},
+     "the sample-to-class (s2c) loss"),
+    ({"s2c": 1.0, "s2s": 0.0, "grad_norm": float("nan")}, "the gradient norm"),
+])
+def test_the_nan_line_names_the_first_non_finite_term(values, named, tmp_path):
+  import types
+  import jax.numpy as jnp
+  from unitsface_jax import checkpoint, train
+  ckpt = checkpoint.Checkpoints(tmp_path, every_steps=1, keep=1)
+  state = types.SimpleNamespace(first_nonfinite_step=jnp.int32(6))
+  metrics = {k: jnp.float32(v) for k, v in {**values, "loss": float("nan"), "lr": 0.5}.items()}
+  unchecked = {5: {}, 6: metrics, 7: {}}
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train._check_finite(state, 8, unchecked, ckpt)  # pylint: disable=protected-access
+  ckpt.close()
+  assert str(error.value).startswith(f"{named} became NaN/inf at step 7 with learning rate 0.5 "
+                                     "(found at step 8)"), error.value
+  assert "no checkpoint was written before it" in str(error.value)

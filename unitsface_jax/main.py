@@ -14,7 +14,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from unitsface_jax import checkpoint, cli, config_checks, models, parallel, storage
+from unitsface_jax import checkpoint, cli, config_checks, lease, models, parallel, storage
 from unitsface_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:variant]).",
@@ -30,8 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # The user's input (errors.UserError: the config, a path, the data, a weight file that does
 # not fit, a workdir whose checkpoints cannot be read or belong to another run): exit 2. The
-# run stopped: a non-finite loss, storage that refused a save: exit 1.
-@cli.command(failures=(train.NonFiniteLossError, checkpoint.CheckpointWriteError))
+# run stopped: a non-finite loss, storage that refused a save, a lease another run took: exit 1.
+@cli.command(failures=(train.NonFiniteLossError, checkpoint.CheckpointWriteError,
+                      lease.LeaseLostError))
 def main(argv) -> int:
   del argv
   config = _CONFIG.value

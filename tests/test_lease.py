@@ -1,0 +1,129 @@
+"""One run per workdir (``unitsface_jax/lease.py``): the lease is taken create-only, refused
+while its holder lives, taken over when the holder is gone, renewed, and given back; on a local
+disk and on the GCS server. The command-line runs (two at once, a killed run relaunched) are in
+tests/test_train.py and tests/test_gcs.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from absl import logging
+from etils import epath
+
+from unitsface_jax import lease
+
+
+def _holder(path):
+  return json.loads(epath.Path(path).read_text())
+
+
+def _write(path, **record):
+  epath.Path(path).write_text(json.dumps(record))
+
+
+def _ended_pid() -> int:
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+@pytest.fixture(params=["local", "gcs"])
+def workdir(request, tmp_path):
+  if request.param == "local":
+    return str(tmp_path / "run")
+  request.getfixturevalue("gcs")
+  return f"gs://test/lease/{tmp_path.name}"
+
+
+def test_a_lease_is_written_held_and_given_back(workdir):
+  with lease.Lease(workdir) as held:
+    record = _holder(held.path)
+    assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
+    assert time.time() - record["heartbeat"] < 60 and record["started"] <= record["heartbeat"]
+  assert not epath.Path(held.path).exists()
+
+
+def test_a_second_run_on_a_live_lease_is_refused_in_one_line(workdir):
+  with lease.Lease(workdir) as first:
+    before = epath.Path(first.path).read_text()
+    with pytest.raises(lease.LeaseHeldError) as error:
+      with lease.Lease(workdir):
+        pass
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{workdir} is in use by another run")
+    assert f"process {os.getpid()} on {socket.gethostname()}" in message, message
+    assert "use another --workdir" in message and first.path in message
+    assert epath.Path(first.path).read_text() == before  # the holder's lease untouched
+  assert not epath.Path(first.path).exists()
+
+
+def test_the_lease_of_an_ended_process_on_this_host_is_taken_over_at_once(workdir, caplog):
+  path = f"{workdir}/{lease.LEASE_FILE}"
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  pid = _ended_pid()
+  _write(path, host=socket.gethostname(), pid=pid, started=time.time(),
+         heartbeat=time.time(), token="killed")
+  with caplog.at_level(logging.WARNING):
+    with lease.Lease(workdir) as held:
+      assert _holder(held.path)["pid"] == os.getpid()
+  taken = [r.getMessage() for r in caplog.records if "taking over the lease" in r.getMessage()]
+  assert len(taken) == 1 and f"its process {pid} on this host has ended" in taken[0], taken
+
+
+def test_another_hosts_lease_is_taken_over_only_once_its_heartbeat_is_stale(workdir, caplog):
+  path = f"{workdir}/{lease.LEASE_FILE}"
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  now = time.time()
+  _write(path, host="tpu-vm-7", pid=1, started=now - 3600, heartbeat=now - 60, token="alive")
+  with pytest.raises(lease.LeaseHeldError, match="process 1 on tpu-vm-7"):
+    with lease.Lease(workdir):
+      pass
+  assert _holder(path)["token"] == "alive"
+  _write(path, host="tpu-vm-7", pid=1, started=now - 3600,
+         heartbeat=now - lease.STALE_AFTER_S - 5, token="preempted")
+  with caplog.at_level(logging.WARNING):
+    with lease.Lease(workdir) as held:
+      assert _holder(held.path)["host"] == socket.gethostname()
+  assert any("its heartbeat is" in r.getMessage() for r in caplog.records)
+
+
+def test_the_heartbeat_is_renewed_and_a_lease_taken_by_another_run_is_noticed(tmp_path):
+  workdir = str(tmp_path / "run")
+  with lease.Lease(workdir, heartbeat_s=0.05) as held:
+    first = _holder(held.path)["heartbeat"]
+    deadline = time.time() + 30
+    while _holder(held.path)["heartbeat"] == first and time.time() < deadline:
+      time.sleep(0.05)
+    assert _holder(held.path)["heartbeat"] > first
+    held.check()  # still ours
+    _write(held.path, host="elsewhere", pid=1, started=0, heartbeat=time.time(), token="other")
+    assert held.lost.wait(30)
+    with pytest.raises(lease.LeaseLostError, match="another run took over the lease"):
+      held.check()
+  assert _holder(held.path)["token"] == "other"  # the other run's lease is not given back
+
+
+def test_of_two_runs_started_together_one_takes_the_lease(tmp_path):
+  workdir = str(tmp_path / "run")
+  outcomes, start = [], threading.Barrier(4)
+
+  def contend():
+    start.wait()
+    try:
+      with lease.Lease(workdir):
+        outcomes.append("took")
+        time.sleep(0.5)
+    except lease.LeaseHeldError:
+      outcomes.append("refused")
+
+  threads = [threading.Thread(target=contend) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(outcomes) == ["refused"] * 3 + ["took"]
