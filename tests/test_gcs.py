@@ -179,6 +179,10 @@ def test_killed_run_on_gcs_resumes_to_the_local_runs_weights_bitwise(gs_run, tin
   assert first["steps"] == [4] and first["metrics"] == list(range(1, 7))
   assert any(name.endswith("-cache") for name in first["cache"]), first["cache"]
   assert "resumed from step 4 in gs://test/runs/killed/checkpoints" in second.stderr
+  # The killed run's lease, left in the bucket, names a process that has ended: taken over.
+  assert "taking over the lease of gs://test/runs/killed" in second.stderr
+  assert "on this host has ended" in second.stderr
+  assert not epath.Path(f"{workdir}/lease.json").exists()  # given back at the end
   assert test_train.steps(workdir) == [8, 12, 16]
   want, got = test_train.metrics(tiny_reference), test_train.metrics(workdir)
   assert {s: (m["loss"], m["data_fingerprint"]) for s, m in got.items()} == {
