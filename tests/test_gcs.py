@@ -314,3 +314,87 @@ def test_a_save_into_a_bucket_that_went_away_stops_naming_the_step_and_a_rerun_r
   finally:
     server.stop()
 
+
+
+# The full-disk run below, inside a user and mount namespace (no privileges needed) so that it
+# can mount a tmpfs of its own: the run pauses itself after step 5 (checkpoint 4 on disk), a
+# file fills what is left of the tmpfs, and the run goes on into the save of step 8.
+_FULL_DISK = """
+import json, os, shutil, signal, subprocess, sys
+mount, out, command = sys.argv[1], sys.argv[2], sys.argv[3:]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", mount], check=True)
+workdir = os.path.join(mount, "run")
+result = {}
+with open(os.path.join(out, "first.err"), "w") as err:
+  first = subprocess.Popen(command + ["--workdir=" + workdir, "--config.debug.signal_after_step=5",
+                                      "--config.debug.signal=SIGSTOP"],
+                           stdout=subprocess.DEVNULL, stderr=err)
+  _, status = os.waitpid(first.pid, os.WUNTRACED)
+  result["stopped"] = os.WIFSTOPPED(status)
+  kept = os.path.join(workdir, "checkpoints", "4")
+  before = {os.path.relpath(os.path.join(d, f), kept): open(os.path.join(d, f), "rb").read().hex()
+            for d, _, files in os.walk(kept) for f in files}
+  filler = os.path.join(mount, "filler")
+  with open(filler, "wb", buffering=0) as f:
+    for chunk in (1 << 20, 1 << 12):
+      try:
+        while True:
+          f.write(bytes(chunk))
+      except OSError:
+        pass
+  result["free_bytes"] = shutil.disk_usage(mount).free
+  first.send_signal(signal.SIGCONT)
+  result["first"] = first.wait(timeout=600)
+after = {os.path.relpath(os.path.join(d, f), kept): open(os.path.join(d, f), "rb").read().hex()
+         for d, _, files in os.walk(kept) for f in files}
+result["checkpoint_4_unchanged"] = bool(before) and after == before
+result["left"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+os.remove(filler)
+with open(os.path.join(out, "second.err"), "w") as err:
+  result["second"] = subprocess.run(command + ["--workdir=" + workdir],
+                                    stdout=subprocess.DEVNULL, stderr=err).returncode
+shutil.copytree(workdir, os.path.join(out, "run"))
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_save_in_one_line_and_the_next_start_resumes(tiny_reference,
+                                                                            tmp_path):
+  """A local file system that fills up (here a 64 MiB tmpfs, filled while the run is paused
+  after step 5): the save of step 8 fails, one line naming the step, the path and the cause,
+  exit 1, checkpoint 4 untouched; the next start removes the half-written save, resumes from
+  4 and ends with the uninterrupted run's weights, bit for bit."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                    capture_output=True, check=False).returncode != 0:
+    pytest.skip("this kernel refuses unprivileged user and mount namespaces (unshare), which "
+                "the test needs to mount a small tmpfs")
+  mount = tmp_path / "mount"
+  mount.mkdir()
+  # Logged at step 16 only: the first write after the pause is the save of step 8.
+  command = [sys.executable, str(test_train.RUN), "1", test_train.SMOKE, *TINY,
+             "--config.log_every_steps=16"]
+  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable,
+                         "-c", _FULL_DISK, str(mount), str(tmp_path), *command],
+                        cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  first = (tmp_path / "first.err").read_text()
+  second = (tmp_path / "second.err").read_text()
+  assert result["stopped"] and result["free_bytes"] < 1 << 16, result
+  assert result["first"] == 1, first[-4000:]
+  errors = [line for line in first.splitlines() if line.startswith("error: ")]
+  assert errors == [f"error: saving checkpoint 8 to {mount}/run/checkpoints failed (No space left "
+                    "on device [errno 28]); the checkpoints before it are kept"], first[-4000:]
+  assert "Traceback" not in first and len(first.splitlines()) < 40, first[-4000:]
+  assert result["checkpoint_4_unchanged"], result
+  assert result["left"] == ["4", "8.orbax-checkpoint-tmp"], result
+  assert result["second"] == 0, second[-4000:]
+  assert "removing 8.orbax-checkpoint-tmp in" in second and "resumed from step 4" in second
+  workdir = tmp_path / "run"
+  assert test_train.steps(workdir) == [8, 12, 16]
+  assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+  want, got = test_train.saved_state(tiny_reference, 16), test_train.saved_state(workdir, 16)
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert want.keys() == got.keys() and not different, different[:10]

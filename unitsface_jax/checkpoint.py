@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -66,6 +67,24 @@ def first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+# TensorStore ends a failed file write with the operating system's error number.
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def _write_cause(error: BaseException) -> str:
+  """Why a write failed, in a few words: the operating system's error for a local file (e.g.
+  "No space left on device [errno 28]", which TensorStore wraps in a message of several
+  hundred characters), else the first line of the error."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.errno is not None:
+      return f"{e.strerror or os.strerror(e.errno)} [errno {e.errno}]"
+    match = _OS_ERROR_CODE.search(str(e)) if e is not None else None
+    if match:
+      code = int(match.group(1))
+      return f"{os.strerror(code)} [errno {code}]"
+  return first_line(error)
+
+
 class CheckpointMismatchError(errors.UserError, ValueError):
   """A readable checkpoint that belongs to another model or config."""
 
@@ -107,6 +126,12 @@ class Checkpoints:
                 "config": ocp.JsonCheckpointHandler()}
     if with_data:
       handlers["data"] = grain.checkpoint.CheckpointHandler()
+    if not read_only and jax.process_index() == 0 and self.directory.exists():
+      unfinished = sorted(p.name for p in self.directory.iterdir()
+                          if ".orbax-checkpoint-tmp" in p.name)
+      if unfinished:
+        logging.warning("removing %s in %s: saves that did not finish (the run stopped while "
+                        "writing them)", ", ".join(unfinished), self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         item_names=item_names,
@@ -114,7 +139,7 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only))
+            read_only=read_only, cleanup_tmp_directories=not read_only))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -168,7 +193,7 @@ class Checkpoints:
 
   def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
     return CheckpointWriteError(f"saving checkpoint {step} to {self.directory} failed "
-                                f"({first_line(error)}); the checkpoints before it are kept")
+                                f"({_write_cause(error)}); the checkpoints before it are kept")
 
   def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> Any:
     """Restores ``state`` at ``step`` into ``abstract_state``'s shapes, dtypes and shardings

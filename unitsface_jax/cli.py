@@ -68,7 +68,7 @@ def command(*, usage_errors: tuple[type[BaseException], ...] = (),
       cpu_tuning.skip_absent_tpu()
       if flags.FLAGS.cpu_tuning:
         cpu_tuning.enable()
-      orbax_noise.install()
+      orbax_noise.install(verbose=_verbose())
       try:
         return main(argv) or 0
       except Exception as e:  # pylint: disable=broad-except

@@ -46,7 +46,19 @@ def _abandoned_read(unraisable) -> bool:
 
 
 def _keep_absl(record: py_logging.LogRecord) -> bool:
-  """orbax's INFO chatter (every save step) goes; its warnings stay."""
+  """orbax's INFO chatter (every save step) goes; its warnings stay. So do its errors, but for
+  those with a traceback: a failed save, logged by each of its background threads in turn
+  (four tracebacks for one full disk), which ``checkpoint.Checkpoints`` raises as one
+  ``CheckpointWriteError`` naming the step, the path and the cause."""
+  if not _from_orbax(record):
+    return True
+  if record.levelno >= py_logging.ERROR:
+    return not record.exc_info
+  return record.levelno >= py_logging.WARNING
+
+
+def _keep_absl_verbose(record: py_logging.LogRecord) -> bool:
+  """With ``--verbose``: only orbax's INFO chatter goes."""
   return record.levelno >= py_logging.WARNING or not _from_orbax(record)
 
 
@@ -56,9 +68,10 @@ def _keep_asyncio(record: py_logging.LogRecord) -> bool:
   return not _raised_in_orbax(error)
 
 
-def install() -> None:
-  """Quiets orbax for the rest of the process: its INFO lines on absl's logger, and the
-  echoes of an abandoned read on ``sys.unraisablehook`` and asyncio's logger. Idempotent."""
+def install(*, verbose: bool = False) -> None:
+  """Quiets orbax for the rest of the process: its INFO lines and (unless ``verbose``) the
+  tracebacks of a failed save on absl's logger, and the echoes of an abandoned read on
+  ``sys.unraisablehook`` and asyncio's logger. Idempotent."""
   previous = sys.unraisablehook
   if getattr(previous, _MARK, False):
     return
@@ -69,7 +82,7 @@ def install() -> None:
 
   setattr(hook, _MARK, True)
   sys.unraisablehook = hook
-  py_logging.getLogger("absl").addFilter(_keep_absl)
+  py_logging.getLogger("absl").addFilter(_keep_absl_verbose if verbose else _keep_absl)
   py_logging.getLogger("asyncio").addFilter(_keep_asyncio)
 
 
