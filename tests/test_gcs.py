@@ -1,6 +1,7 @@
 """gs:// paths against a real GCS server on 127.0.0.1 (fake-gcs-server, ``tests/gcs_server.py``):
 the extra's one-line check, the data sources and the request count of a RecordIO epoch, and
-training, export and evaluation with data and workdir in the bucket."""
+training, export and evaluation with data and workdir in the bucket; and storage that fails
+under a run: a bucket that goes away, a local disk that fills up (``tests/full_disk_run.py``)."""
 
 import io
 import json
@@ -315,49 +316,6 @@ def test_a_save_into_a_bucket_that_went_away_stops_naming_the_step_and_a_rerun_r
     server.stop()
 
 
-
-# The full-disk run below, inside a user and mount namespace (no privileges needed) so that it
-# can mount a tmpfs of its own: the run pauses itself after step 5 (checkpoint 4 on disk), a
-# file fills what is left of the tmpfs, and the run goes on into the save of step 8.
-_FULL_DISK = """
-import json, os, shutil, signal, subprocess, sys
-mount, out, command = sys.argv[1], sys.argv[2], sys.argv[3:]
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", mount], check=True)
-workdir = os.path.join(mount, "run")
-result = {}
-with open(os.path.join(out, "first.err"), "w") as err:
-  first = subprocess.Popen(command + ["--workdir=" + workdir, "--config.debug.signal_after_step=5",
-                                      "--config.debug.signal=SIGSTOP"],
-                           stdout=subprocess.DEVNULL, stderr=err)
-  _, status = os.waitpid(first.pid, os.WUNTRACED)
-  result["stopped"] = os.WIFSTOPPED(status)
-  kept = os.path.join(workdir, "checkpoints", "4")
-  before = {os.path.relpath(os.path.join(d, f), kept): open(os.path.join(d, f), "rb").read().hex()
-            for d, _, files in os.walk(kept) for f in files}
-  filler = os.path.join(mount, "filler")
-  with open(filler, "wb", buffering=0) as f:
-    for chunk in (1 << 20, 1 << 12):
-      try:
-        while True:
-          f.write(bytes(chunk))
-      except OSError:
-        pass
-  result["free_bytes"] = shutil.disk_usage(mount).free
-  first.send_signal(signal.SIGCONT)
-  result["first"] = first.wait(timeout=600)
-after = {os.path.relpath(os.path.join(d, f), kept): open(os.path.join(d, f), "rb").read().hex()
-         for d, _, files in os.walk(kept) for f in files}
-result["checkpoint_4_unchanged"] = bool(before) and after == before
-result["left"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-os.remove(filler)
-with open(os.path.join(out, "second.err"), "w") as err:
-  result["second"] = subprocess.run(command + ["--workdir=" + workdir],
-                                    stdout=subprocess.DEVNULL, stderr=err).returncode
-shutil.copytree(workdir, os.path.join(out, "run"))
-print(json.dumps(result))
-"""
-
-
 @pytest.mark.slow
 def test_a_full_disk_stops_the_save_in_one_line_and_the_next_start_resumes(tiny_reference,
                                                                             tmp_path):
@@ -376,7 +334,8 @@ def test_a_full_disk_stops_the_save_in_one_line_and_the_next_start_resumes(tiny_
   command = [sys.executable, str(test_train.RUN), "1", test_train.SMOKE, *TINY,
              "--config.log_every_steps=16"]
   proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable,
-                         "-c", _FULL_DISK, str(mount), str(tmp_path), *command],
+                         str(ROOT / "tests" / "full_disk_run.py"), str(mount), str(tmp_path),
+                         *command],
                         cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.splitlines()[-1])
