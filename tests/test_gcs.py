@@ -210,6 +210,40 @@ def _python(*args, timeout=600):
 
 
 @pytest.mark.slow
+def test_a_second_run_on_a_gcs_workdir_is_refused_and_the_first_finishes_as_if_alone(
+    gcs, tiny_reference):
+  """tests/test_train.py's two runs on one workdir, with the workdir in the bucket: the lease
+  object is created with ifGenerationMatch=0, so the second run finds it and stops in one
+  line, exit 2; the first, paused by its drill meanwhile, ends with the local run's weights."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://test/runs/shared"
+  env = _train_env()
+  first = test_train.start(1, workdir, *TINY, "--config.debug.signal_after_step=6",
+                           "--config.debug.signal=SIGSTOP", env=env)
+  try:
+    _, status = os.waitpid(first.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), first.stderr.read()[-4000:]
+    second = test_train.run(1, workdir, *TINY, env=env)
+    assert second.returncode == 2, second.stderr[-4000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-4000:]
+    assert errors[0].startswith(f"error: {workdir} is in use by another run (process "
+                                f"{first.pid} on "), errors[0]
+    first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.communicate()
+  assert first.returncode == 0, err[-4000:]
+  _fresh()
+  assert not epath.Path(f"{workdir}/lease.json").exists()
+  want, got = test_train.saved_state(tiny_reference, 16), test_train.saved_state(workdir, 16)
+  different = [k for k in want if want[k].tobytes() != got[k].tobytes()]
+  assert want.keys() == got.keys() and not different, different[:10]
+
+
+@pytest.mark.slow
 def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path):
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = gs_run[0]
