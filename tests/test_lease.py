@@ -127,3 +127,15 @@ def test_of_two_runs_started_together_one_takes_the_lease(tmp_path):
   for t in threads:
     t.join()
   assert sorted(outcomes) == ["refused"] * 3 + ["took"]
+
+
+def test_a_lease_replaced_between_heartbeats_is_found_before_the_next_save(workdir):
+  """Two relaunches that take over one stale lease together: the one whose lease was
+  replaced learns it from ``check`` (read before each save), not only at its next heartbeat."""
+  with lease.Lease(workdir, heartbeat_s=3600) as held:
+    held.check()
+    _write(held.path, host="elsewhere", pid=1, started=0, heartbeat=time.time(),
+           token="the other relaunch")
+    with pytest.raises(lease.LeaseLostError, match="another run took over the lease"):
+      held.check()
+  assert _holder(held.path)["token"] == "the other relaunch"

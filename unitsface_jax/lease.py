@@ -21,9 +21,10 @@ the GIL), and gcsfs gives up a failing write after about a minute of retries, so
 never looks stale; a preempted TPU VM or a requeued job takes longer than that to come back.
 
 A run whose lease another run took over (its heartbeat stopped for longer than the bound and
-it came back) learns it at its next renewal: ``lost`` is set and the training loop stops
-before its next save with ``LeaseLostError``, so it never writes over the other run's
-checkpoints.
+it came back, or two relaunches took over one stale lease at the same moment and the later
+one's lease replaced the earlier one's) learns it at its next renewal or when it reads the
+lease before its next save (``check``): the training loop stops there with
+``LeaseLostError``, so it never writes over the other run's checkpoints.
 """
 
 from __future__ import annotations
@@ -238,7 +239,20 @@ class Lease:
         logging.warning("renewing the lease %s: %s", self.path, e)
 
   def check(self) -> None:
-    """Raises ``LeaseLostError`` if another run has taken this run's lease."""
+    """Raises ``LeaseLostError`` if another run has taken this run's lease: the heartbeat
+    found so, or the lease read now names another run (read before each save, so a run whose
+    lease was taken over since its last heartbeat does not write over the other's
+    checkpoints; two relaunches that take over one stale lease together are settled here)."""
+    if self._held and not self.lost.is_set():
+      try:
+        holder = _read(self.path)
+      except Exception as e:  # pylint: disable=broad-except  # the save will say more
+        logging.warning("reading the lease %s: %s", self.path, e)
+        holder = None
+      if holder is not None and holder.get("token") != self._record["token"]:
+        logging.error("another run took over the lease of %s (%s)", self.workdir,
+                      _describe(holder))
+        self.lost.set()
     if self.lost.is_set():
       raise LeaseLostError(f"another run took over the lease of {self.workdir} ({self.path}) "
                            "while this one was not renewing it: stopped without saving")
