@@ -139,3 +139,31 @@ def test_a_lease_replaced_between_heartbeats_is_found_before_the_next_save(workd
     with pytest.raises(lease.LeaseLostError, match="another run took over the lease"):
       held.check()
   assert _holder(held.path)["token"] == "the other relaunch"
+
+
+def test_a_lease_naming_this_process_that_it_does_not_hold_is_an_earlier_incarnation(
+    workdir, caplog):
+  """A restarted container numbers its processes from 1 again under the same host name: a
+  lease with this process's pid that this process does not hold is taken over at once."""
+  path = f"{workdir}/{lease.LEASE_FILE}"
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _write(path, host=socket.gethostname(), pid=os.getpid(), started=time.time(),
+         heartbeat=time.time(), token="before the restart")
+  with caplog.at_level(logging.WARNING):
+    with lease.Lease(workdir) as held:
+      assert _holder(held.path)["token"] != "before the restart"
+  assert any(f"its process {os.getpid()} on this host has ended" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_a_live_pid_on_this_host_with_a_stale_heartbeat_is_taken_over(workdir, caplog):
+  """A pid of this host that is alive but whose lease stopped beating long ago belongs to
+  another program now (the run ended without giving its lease back, its pid was reused)."""
+  path = f"{workdir}/{lease.LEASE_FILE}"
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _write(path, host=socket.gethostname(), pid=1, started=0,
+         heartbeat=time.time() - lease.STALE_AFTER_S - 5, token="long gone")
+  with caplog.at_level(logging.WARNING):
+    with lease.Lease(workdir) as held:
+      assert _holder(held.path)["pid"] == os.getpid()
+  assert any("its heartbeat is" in r.getMessage() for r in caplog.records)

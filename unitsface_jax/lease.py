@@ -11,9 +11,11 @@ every ``HEARTBEAT_S`` while the run lives. A second run that finds it stops with
 ``LeaseHeldError`` (one line naming the holder, exit 2) unless the holder is gone:
 
 - on this host, its process no longer exists (a run killed with SIGKILL, or whose machine
-  rebooted, and relaunched at once): taken over at once;
-- on another host, its heartbeat is older than ``STALE_AFTER_S`` (a preempted VM never gives
-  its lease back): taken over after that.
+  rebooted, and relaunched at once; or its pid is this process's, which holds no such lease:
+  a restarted container): taken over at once;
+- otherwise (another host, or a live pid on this host that may belong to another program
+  now), its heartbeat is older than ``STALE_AFTER_S`` (a preempted VM never gives its lease
+  back): taken over after that.
 
 Both takeovers print one warning line. ``STALE_AFTER_S`` is 10 missed heartbeats (5 minutes):
 the heartbeat thread runs while the main thread compiles or saves (XLA and the writes release
@@ -46,6 +48,8 @@ from unitsface_jax import storage
 LEASE_FILE = "lease.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+# The tokens of the leases this process holds now.
+_HELD_HERE: set[str] = set()
 # The key under which process 0 tells the others whether it took the lease ("" if it did,
 # else the error's message).
 _KEY = "unitsface_jax/lease"
@@ -162,10 +166,16 @@ class Lease:
   # ---- taking it
   def _stale_reason(self, holder: dict) -> str | None:
     """Why ``holder`` no longer runs (None if it may)."""
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-      if not _process_exists(holder["pid"]):
-        return f"its process {holder['pid']} on this host has ended"
-      return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+      # This process's own pid but not one of its leases: an earlier incarnation (a restarted
+      # container numbers its processes from 1 again, under the same host name).
+      ended = (holder.get("token") not in _HELD_HERE if pid == os.getpid()
+               else not _process_exists(pid))
+      if ended:
+        return f"its process {pid} on this host has ended"
+    # A live process on this host may be another program that reuses an ended run's pid:
+    # the heartbeat decides then, as for another host.
     beat = holder.get("heartbeat") or _modified(self.path) or time.time()
     age = time.time() - beat
     if age > self.stale_after_s:
@@ -207,6 +217,7 @@ class Lease:
       try:
         self._take()
         self._held = True
+        _HELD_HERE.add(self._record["token"])
       except Exception as e:
         if client is not None:  # the others stop too, with the same line
           client.key_value_set(_KEY, (str(e) or type(e).__name__).splitlines()[0])
@@ -272,3 +283,4 @@ class Lease:
         # over (its process has ended), and the error that stopped this one is the one shown.
         logging.warning("giving back the lease %s: %s", self.path, e)
     self._held = False
+    _HELD_HERE.discard(self._record["token"])
