@@ -235,3 +235,28 @@ def test_a_hung_peer_ends_the_other_process_within_the_step_timeout(tmp_path, fr
   assert code == 0 and not left, (err, [log[-3000:] for log in logs])
   assert all("resumed from step 4" in log for log in logs)
   assert steps(workdir) == [4, 8] and max(metrics(workdir)) == 8
+
+
+@pytest.mark.slow
+def test_both_processes_of_a_run_stop_on_a_workdir_another_run_holds(tmp_path, free_port):
+  """Process 0 finds the lease of a live run (this test's process); the other process learns
+  it through jax.distributed's key-value store: both stop in the same one line, exit 2,
+  before touching the workdir."""
+  import json  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+            "heartbeat": time.time(), "token": "the other run"}
+  (workdir / "lease.json").write_text(json.dumps(holder))
+  results = run_two_processes(workdir, free_port(), *TINY, env=_env(UNITSFACE_NO_XLA_FLAGS="1"),
+                              timeout=300)
+  lines = []
+  for code, err in results:
+    assert code == 2, err[-3000:]
+    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    lines.append(errors[0])
+  assert lines[0] == lines[1] and lines[0].startswith(
+      f"error: {workdir} is in use by another run (process {os.getpid()} on "), lines
+  assert sorted(p.name for p in workdir.iterdir()) == ["lease.json"]
+  assert json.loads((workdir / "lease.json").read_text()) == holder

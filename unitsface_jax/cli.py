@@ -58,7 +58,8 @@ def command(*, usage_errors: tuple[type[BaseException], ...] = (),
   The prologue, first, before JAX starts its backends (XLA reads ``XLA_FLAGS`` then, and a
   TPU is probed then): no TPU probe on a host without one (``cpu_tuning.skip_absent_tpu``),
   the CPU tuning unless ``--nocpu_tuning``, orbax quieted (``orbax_noise.install``).
-  ``errors.UserError`` and ``usage_errors`` are checked before ``failures``.
+  ``errors.UserError`` is checked first (its message may read like a lost peer's), then a lost
+  peer, then ``usage_errors``, then ``failures``.
   """
   def decorate(main: Callable[[list[str]], int | None]):
     @functools.wraps(main)
@@ -72,9 +73,13 @@ def command(*, usage_errors: tuple[type[BaseException], ...] = (),
       try:
         return main(argv) or 0
       except Exception as e:  # pylint: disable=broad-except
-        if parallel.lost_peer(e):
+        # The user's mistake first: its message may hold words a lost peer's does ("heartbeat"
+        # in the lease of another run).
+        if isinstance(e, errors.UserError):
+          status = USAGE_STATUS
+        elif parallel.lost_peer(e):
           _exit_peer_lost(e)
-        if isinstance(e, (errors.UserError, *usage_errors)):
+        elif isinstance(e, usage_errors):
           status = USAGE_STATUS
         elif isinstance(e, failures):
           status = FAILED_STATUS
