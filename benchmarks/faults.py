@@ -77,7 +77,10 @@ def _wait_for_step(workdir, step: int, procs, timeout=600) -> None:
 
 
 def digest(workdir, step: int = 16) -> str:
-  """sha256 of every array of checkpoint ``step``'s state, in path order."""
+  """sha256 of every array of checkpoint ``step``'s state, in path order, restored onto this
+  process's one device with an explicit target, as tests/test_train.py's ``saved_state``
+  does: ``checkpoint.Checkpoints.restore_arrays`` refuses a checkpoint saved on two devices
+  ("Topology mismatch")."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -185,13 +188,12 @@ class Faults:
     return {"fault": "SIGTERM (preemption) after step 6", **row, **self._relaunch(workdir)}
 
   def unreadable(self):
-    workdir, row = self._signal_at("unreadable", signal.SIGKILL, 13)
+    workdir, _ = self._signal_at("unreadable", signal.SIGKILL, 13)
     ckpts = workdir / "checkpoints"
     newest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     largest = max((p for p in (ckpts / str(newest) / "state").rglob("*")
                    if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
     largest.write_bytes(largest.read_bytes()[:1000])
-    del row
     return {"fault": f"unreadable newest checkpoint ({newest}, truncated) after a crash",
             "status": "-", "seconds_to_stop": "-", "lines": "-", "error_lines": [],
             "tracebacks": 0, **self._relaunch(workdir)}
