@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7.0",
     "numpy>=1.26",
+    "scipy>=1.11",  # IJB template pooling (one sparse product); jax needs it too
     "absl-py>=2.1",
     "ml-collections>=1.0",
     "etils[epath]>=1.7",

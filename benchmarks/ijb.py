@@ -5,15 +5,18 @@ templates) and 15,658,489 template pairs, all between the two sides. This script
 problem of exactly that size from random 512-d features (seeded), then runs, each in a fresh
 child process so that peak memory (ru_maxrss) is measured per implementation:
 
-  ours         unitsface_jax.evaluation.ijb: faceness weighting, template_features,
-               pair_scores, verification_metrics (TAR at FAR 1e-6 ... 1e-1).
+  ours         unitsface_jax.evaluation.ijb: faceness weighting, template_features (one
+               sparse product), pair_scores (one GEMM over the templates in use and a
+               gather), verification_metrics (packed-key sort ROC, TAR at FAR 1e-6 ... 1e-1,
+               AUC and the plot's points).
   insightface  the algorithm of insightface recognition/arcface_torch/eval_ijbc.py,
                reimplemented from its description: per-template np.where loop with
                per-media means (image2template_feature), float64 sklearn-normalize, scoring
                in batches of 100,000 pairs by gathering both feature rows
                (``verification``), then sklearn roc_curve and its nearest-FPR reading.
 
-Both write their scores; the parent checks that scores and TAR agree and prints a table.
+Both write their scores; the parent checks that scores and TAR agree and prints a table
+("beside data GB": peak resident memory minus the resident memory once the problem exists).
 
   python benchmarks/ijb.py            # full IJB-C size (needs ~4 GB, a few minutes)
   python benchmarks/ijb.py --scale=0.01   # quick smoke run
@@ -169,11 +172,13 @@ def main() -> None:
   n = res["ours"]["n"]
   print(f"IJB-C-sized scoring: {n['images']:,} images, {n['templates']:,} templates, "
         f"{n['pairs']:,} pairs, {DIM}-d random features")
-  print(f"{'':12s}{'pool s':>9s}{'score s':>9s}{'TAR s':>9s}{'total s':>9s}{'peak GB':>9s}")
+  print(f"{'':12s}{'pool s':>9s}{'score s':>9s}{'TAR s':>9s}{'total s':>9s}{'peak GB':>9s}"
+        f"{'beside data GB':>16s}")
   for impl in ("ours", "insightface"):
     r = res[impl]
     print(f"{impl:12s}{r['pool_s']:9.2f}{r['score_s']:9.2f}{r['tar_s']:9.2f}"
-          f"{r['total_s']:9.2f}{r['peak_rss_gb']:9.2f}")
+          f"{r['total_s']:9.2f}{r['peak_rss_gb']:9.2f}"
+          f"{r['peak_rss_gb'] - r['rss_after_data_gb']:16.2f}")
   print(f"speed-up: scoring {res['insightface']['score_s'] / res['ours']['score_s']:.1f}x, "
         f"pool+score+TAR {res['insightface']['total_s'] / res['ours']['total_s']:.1f}x")
   print(f"max |score difference| {np.abs(ours - ref).max():.2e}; TAR ours "

@@ -77,10 +77,9 @@ def test_template_pooling_equals_reference_loop(meta):
   rng = np.random.default_rng(1)
   feats = rng.normal(size=(130, 24)).astype(np.float32)
   want_t, want = _reference_templates(feats.astype(np.float64), meta.templates, meta.medias)
-  for chunk in (2048, 7):  # 7 splits templates across chunk boundaries
-    got_t, got = ijb.template_features(feats, meta.templates, meta.medias, chunk=chunk)
-    np.testing.assert_array_equal(got_t, want_t)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+  got_t, got = ijb.template_features(feats, meta.templates, meta.medias)
+  np.testing.assert_array_equal(got_t, want_t)
+  np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_nd_f_switches(meta):
@@ -302,3 +301,79 @@ def test_tpir_counts_only_mated_scores_above_the_threshold():
                                    (tids[3:], np.array([10, 12])), fpirs=(0.5, 1.0))
   # FPIR 0.5: the highest non-mated score, 1, ties both mated scores: neither is above it.
   assert res["tpir_at_fpir"] == {"0.5": 0.0, "1": 1.0}
+
+
+# ------------------------------------------------------- IJB-C-shaped numbers, pinned
+
+
+def synthetic_ijb(seed=0, n_subjects=500, n_probe=2000, dim=32, noise=1.1):
+  """An IJB-C-shaped problem with identity structure: gallery templates (one per subject),
+  probe templates (random subjects, 40 of them exact copies of other probes so that scores
+  tie across pairs), 1-8 images in 1-3 media per template, all gallery x probe pairs in a
+  shuffled order, and the 1:N lists with one row per image."""
+  rng = np.random.default_rng(seed)
+  n_t = n_subjects + n_probe
+  subject = np.concatenate([np.arange(n_subjects), rng.integers(0, n_subjects, n_probe)])
+  tids = np.sort(rng.choice(100_000, n_t, replace=False)) + 1
+  per_t = rng.integers(1, 9, n_t)
+  # Probe templates of one image, half of them copies of the other half.
+  copies = rng.choice(np.arange(n_subjects, n_t), 80, replace=False)
+  per_t[copies] = 1
+  t_of_img = np.repeat(np.arange(n_t), per_t)
+  medias = tids[t_of_img] * 4 + rng.integers(0, 3, t_of_img.size)
+  centres = rng.normal(size=(n_subjects, dim))
+  emb = centres[subject[t_of_img]] + noise * rng.normal(size=(t_of_img.size, dim))
+  flip = emb + 0.3 * rng.normal(size=emb.shape)
+  faceness = rng.uniform(0.5, 1.0, t_of_img.size)
+  first = np.cumsum(per_t) - per_t  # each template's first image
+  for dst, src in zip(first[copies[:40]], first[copies[40:]]):
+    emb[dst], flip[dst], faceness[dst] = emb[src], flip[src], faceness[src]
+  subject[copies[:40]] = subject[copies[40:]]
+  g, p = np.meshgrid(np.arange(n_subjects), np.arange(n_subjects, n_t), indexing="ij")
+  order = rng.permutation(g.size)
+  t1, t2 = tids[g.ravel()[order]], tids[p.ravel()[order]]
+  label = (subject[g.ravel()[order]] == subject[p.ravel()[order]]).astype(np.int8)
+  img_subject = subject[t_of_img]
+  gal = t_of_img < n_subjects
+  meta = ijb.IJBMeta(
+      target="IJBC", image_names=np.array([f"{i}.jpg" for i in range(t_of_img.size)]),
+      templates=tids[t_of_img], medias=medias,
+      landmarks=np.zeros((t_of_img.size, 5, 2), np.float32),
+      faceness=faceness.astype(np.float32), pair_t1=t1, pair_t2=t2, pair_label=label,
+      gallery=(tids[t_of_img[gal]], img_subject[gal] + 7000),
+      probe=(tids[t_of_img[~gal]], img_subject[~gal] + 7000))
+  return meta, emb.astype(np.float32), flip.astype(np.float32)
+
+
+# Computed with the code before the fast scoring path (commit 9175459: chunked segmented
+# pooling, argsort ROC); TAR, ranks and TPIR must stay exactly these. The AUC moved by 1e-9:
+# template features now sum in another order (one sparse product), which re-orders a few
+# near-tied scores without changing any reported rate.
+PINNED = {
+    "N1D1F1": ({"1e-06": 0.5965, "1e-05": 0.658, "0.0001": 0.778, "0.001": 0.8915,
+                "0.01": 0.9625, "0.1": 0.9945}, 0.997429869238477,
+               (0.8915, 0.96, 0.9785), {"0.01": 0.6825, "0.1": 0.8195}),
+    "N0D1F1": ({"1e-06": 0.572, "1e-05": 0.6495, "0.0001": 0.7805, "0.001": 0.89,
+                "0.01": 0.961, "0.1": 0.9945}, 0.9974440691382765,
+               (0.8865, 0.959, 0.975), {"0.01": 0.6835, "0.1": 0.8175}),
+    "N1D0F0": ({"1e-06": 0.6425, "1e-05": 0.6775, "0.0001": 0.796, "0.001": 0.899,
+                "0.01": 0.9685, "0.1": 0.993}, 0.9977339641783567,
+               (0.9025, 0.969, 0.9795), {"0.01": 0.7, "0.1": 0.833}),
+}
+
+
+@pytest.mark.parametrize("mode", list(PINNED))
+def test_ijb_shaped_numbers_equal_those_pinned_before_the_fast_path(mode):
+  """10,818 images, 2,500 templates, 1M pairs (2,000 genuine), 26,277 scores shared by
+  several pairs."""
+  meta, emb, flip = synthetic_ijb()
+  n, d, f = (c == "1" for c in mode[1::2])
+  res = ijb.evaluate_features(meta, emb, flip, use_norm_score=n, use_detector_score=d,
+                              use_flip_test=f)
+  tars, auc, ranks, tpirs = PINNED[mode]
+  assert res["mode"] == mode
+  assert res["verification"]["tar_at_far"] == tars
+  assert res["verification"]["auc"] == pytest.approx(auc, abs=1e-8)
+  ident = res["identification"]
+  assert (ident["rank1"], ident["rank5"], ident["rank10"]) == ranks
+  assert ident["tpir_at_fpir"] == tpirs

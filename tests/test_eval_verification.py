@@ -102,10 +102,15 @@ def test_tar_at_far_equals_sklearn_roc_reading(seed):
                                 _sklearn_reading(labels, scores, fars))
 
 
-def test_roc_with_tied_scores_equals_sklearn_roc_curve():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_roc_with_tied_scores_equals_sklearn_roc_curve(dtype):
+  """float32 and narrower scores take the packed-key sort (the label in the lowest bit of
+  the widened score); float64 the argsort. Ties, +0/-0 and both label orders in a tie."""
   rng = np.random.default_rng(7)
   labels = rng.random(50_000) < 0.3
-  scores = np.round(rng.normal(size=labels.size) + labels, 1)  # heavy ties
+  scores = np.round(rng.normal(size=labels.size) + labels, 1).astype(dtype)  # heavy ties
+  scores[:300] = 0.0
+  scores[300:600] = -0.0
   fars = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5)
   for drop in (True, False):
     np.testing.assert_array_equal(metrics.tar_at_far(scores, labels, fars, drop),

@@ -3,8 +3,9 @@
 The reading of TAR at a FAR follows insightface ``recognition/arcface_torch/eval_ijbc.py``:
 build the ROC of ``sklearn.metrics.roc_curve(labels, scores)``, flip it so the largest TPR
 comes first at equal FPR, and take the TPR of the point whose FPR is nearest the target.
-Here the ROC is computed from one sort, in memory linear
-in the number of pairs, so tens of millions of pairs need no sklearn and no pair loop.
+Here the ROC is computed from one sort (of packed score-label keys for float32 scores), in
+memory linear in the number of pairs, so tens of millions of pairs need no sklearn and no
+pair loop.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ def roc(scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
   n_neg = labels.size - n_pos
   if n_pos == 0 or n_neg == 0:
     raise ValueError(f"ROC needs genuine and impostor pairs; got {n_pos} and {n_neg}")
-  order = np.argsort(scores, kind="stable")[::-1]
-  sorted_scores = scores[order]
-  tps_all = np.cumsum(labels[order], dtype=np.int64)
-  del order
+  sorted_scores, sorted_labels = _sort_descending(scores, labels)
+  tps_all = np.cumsum(sorted_labels, dtype=np.int64)
+  del sorted_labels
   # The last index of each run of equal scores closes one threshold.
   last = np.flatnonzero(np.diff(sorted_scores)) if sorted_scores.size > 1 else np.zeros(0, int)
   last = np.append(last, sorted_scores.size - 1)
@@ -59,6 +59,29 @@ def roc(scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
   thresholds = np.concatenate([[np.inf], sorted_scores[last]]).astype(
       np.result_type(sorted_scores.dtype, np.float32))
   return fpr, tpr, thresholds
+
+
+def _sort_descending(scores: np.ndarray, labels: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """``scores`` in descending order and ``labels`` in the same order; ties in any order.
+
+  The ROC reads only the last position of each run of equal scores, so the order inside a
+  run does not matter. For float32 (or narrower) scores, each label rides in the lowest
+  mantissa bit of the score's exact float64 value: a float32 widened to float64 has 29 zero
+  low bits, so the packed keys order as the scores do and differ within a tie only by the
+  label. One SIMD ``np.sort`` of those keys replaces an argsort and two gathers: 15.7M IJB-C
+  scores sort in 0.2 s instead of 2-4 s (benchmarks/ijb.py).
+  """
+  if scores.dtype.kind == "f" and scores.dtype.itemsize <= 4:
+    keys = scores.astype(np.float64)
+    keys.view(np.uint64)[...] |= labels.view(np.uint8).astype(np.uint64)
+    keys.sort()
+    bits = keys.view(np.uint64)[::-1]
+    sorted_labels = (bits & np.uint64(1)).astype(bool)
+    bits &= ~np.uint64(1)
+    return keys[::-1].astype(scores.dtype), sorted_labels
+  order = np.argsort(scores, kind="stable")[::-1]
+  return scores[order], labels[order]
 
 
 def read_tar_at_far(fpr: np.ndarray, tpr: np.ndarray,
