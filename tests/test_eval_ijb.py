@@ -50,7 +50,7 @@ def test_alignment_reproduces_the_centre_crop(root, meta):
   m = align.estimate_transform(meta.landmarks[0])
   s = 112 / 150
   np.testing.assert_allclose(m, [[s, 0, -50 * s], [0, s, -50 * s]], atol=2e-3)
-  crops = next(ijb.aligned_crops(root, meta, chunk=4))
+  crops = next(ijb.aligned_crops(root, meta, batch_size=4))
   img = simplejpeg.decode_jpeg((root / "loose_crop" / "1.jpg").read_bytes(), colorspace="RGB")
   # Independent sampler: pixel (x, y) of the crop is source point (50 + x / s, 50 + y / s).
   xs = 50 + np.arange(112) / s

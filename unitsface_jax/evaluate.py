@@ -18,7 +18,7 @@ one line that names it (exit status 2). On the CPU the run is tuned
 
 from __future__ import annotations
 
-import sys
+import os
 
 import numpy as np
 from absl import app, flags, logging
@@ -49,6 +49,12 @@ flags.DEFINE_enum("target", "IJBC", ["IJBB", "IJBC"], "IJB target.")
 flags.DEFINE_bool("norm_score", True, "IJB N1: keep the feature norm as a quality weight.")
 flags.DEFINE_bool("detector_score", True, "IJB D1: weight features by faceness.")
 flags.DEFINE_bool("flip_test", True, "Flip fusion f(x) + f(flip x).")
+flags.DEFINE_integer("decode_workers", -1, "IJB: processes that decode and align the images "
+                     "while the model embeds; -1: one per CPU core, up to 8; 0: threads in "
+                     "this process.")
+flags.DEFINE_string("crop_cache", None, "IJB: a folder (local or gs://) for a cache of the "
+                    "aligned crops, so evaluating another model skips decode and align "
+                    "(IJB-C at 112x112: 17.7 GB).")
 flags.DEFINE_string("facescrub_list", None, "MegaFace devkit FaceScrub list.")
 flags.DEFINE_string("megaface_list", None, "MegaFace devkit distractor list.")
 flags.DEFINE_string("algo", "insightface", "MegaFace feature file suffix.")
@@ -57,7 +63,7 @@ flags.DEFINE_string("megaface_noises", None, "Published MegaFace noise list.")
 flags.DEFINE_integer("num_distractors", None, "Use only the first N distractors.")
 cli.define_flags()
 _PATH_FLAGS = ("data", "workdir", "features", "params", "out", "pairs", "facescrub_list",
-               "megaface_list", "facescrub_noises", "megaface_noises")
+               "megaface_list", "facescrub_noises", "megaface_noises", "crop_cache")
 
 
 class InputError(errors.UserError):
@@ -140,7 +146,11 @@ def run_ijb(apply_fn) -> dict:
                            f"{meta.image_names.size} images")
     res = ijb.evaluate_features(meta, z["embeddings"], z.get("embeddings_flip"), **kw)
   else:
-    res = ijb.evaluate(apply_fn, root, FLAGS.target, batch_size=FLAGS.batch_size, **kw)
+    workers = FLAGS.decode_workers
+    if workers < 0:
+      workers = min(8, os.cpu_count() or 1)
+    res = ijb.evaluate(apply_fn, root, FLAGS.target, batch_size=FLAGS.batch_size,
+                       workers=workers, cache_dir=FLAGS.crop_cache, **kw)
   name = f"{FLAGS.target}-{res['mode']}"
   print(report.format_table({name: res["verification"]["tar_at_far"]}))
   if "identification" in res:

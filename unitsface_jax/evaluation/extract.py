@@ -121,6 +121,17 @@ def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,
   outs, outs_flip = [], []
   bar = tqdm.tqdm(total=num_images, desc=desc, unit="img", disable=not progress)
   seen = 0
+  pending = None  # the previous batch's device outputs, fetched once the next is dispatched
+
+  def fetch(done):
+    out, count = done
+    if flip:
+      outs.append(np.asarray(out[0])[:count])
+      outs_flip.append(np.asarray(out[1])[:count])
+    else:
+      outs.append(np.asarray(out)[:count])
+    bar.update(count)
+
   for chunk in chunks:
     count = chunk.shape[0]
     if count < batch_size:
@@ -128,14 +139,15 @@ def extract_raw(apply_fn: ApplyFn, images: np.ndarray | Iterable[np.ndarray], *,
       pad = np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)
       chunk = np.concatenate([chunk, pad])
     batch = jax.device_put(np.ascontiguousarray(chunk, np.uint8), data_sharding)
-    if flip:
-      a, b = _forward(apply_fn, batch)
-      outs.append(np.asarray(a)[:count])
-      outs_flip.append(np.asarray(b)[:count])
-    else:
-      outs.append(np.asarray(_forward_noflip(apply_fn, batch))[:count])
+    # Dispatch is asynchronous: the device runs this batch while the host fetches the
+    # previous one's embeddings and reads the next crops.
+    out = _forward(apply_fn, batch) if flip else _forward_noflip(apply_fn, batch)
+    if pending is not None:
+      fetch(pending)
+    pending = (out, count)
     seen += count
-    bar.update(count)
+  if pending is not None:
+    fetch(pending)
   bar.close()
   if seen != num_images:
     raise ValueError(f"expected {num_images} images, got {seen}")

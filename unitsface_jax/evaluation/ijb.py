@@ -17,14 +17,13 @@ bounded memory (benchmarks/ijb.py, BENCHMARKS.md).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from etils import epath
 
-from unitsface_jax.data import align, pixels
+from unitsface_jax.data import loose_crops
 from unitsface_jax.evaluation import extract, metrics
 
 
@@ -88,23 +87,19 @@ def read_meta(root: str | epath.PathLike, target: str = "IJBC") -> IJBMeta:
       gallery=gallery, probe=probe)
 
 
-def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, chunk: int = 256,
-                  image_size: int = 112, num_threads: int = 4) -> Iterator[np.ndarray]:
-  """Yields uint8 [<=chunk, 112, 112, 3] crops of ``loose_crop`` images, aligned by landmarks.
+def aligned_crops(root: str | epath.PathLike, meta: IJBMeta, *, batch_size: int = 64,
+                  image_size: int = 112, workers: int = 0, threads: int = 4,
+                  cache_dir: str | epath.PathLike | None = None) -> Iterator[np.ndarray]:
+  """Yields uint8 [<=batch_size, S, S, 3] crops of ``loose_crop`` images in meta order.
 
-  JPEG decoding (libjpeg-turbo) and the NumPy warp release the GIL, so a few threads overlap
-  them; the order of the meta files is kept.
+  Decoded (EXIF orientation applied, as cv2.imread) and aligned by the meta's landmarks in
+  ``workers`` grain processes (0: ``threads`` threads here), or read from the crop cache in
+  ``cache_dir`` (``data.loose_crops``) when an earlier run wrote it.
   """
-  crop_dir = epath.Path(root) / "loose_crop"
-
-  def one(i: int) -> np.ndarray:
-    path = crop_dir / meta.image_names[i]
-    img = pixels.decode_image(path.read_bytes(), name=str(path), exif=True)
-    return align.align_face(img, meta.landmarks[i], image_size)
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-    for a in range(0, meta.image_names.size, chunk):
-      yield np.stack(list(pool.map(one, range(a, min(a + chunk, meta.image_names.size)))))
+  return loose_crops.cached_aligned_batches(
+      epath.Path(root) / "loose_crop", meta.image_names, meta.landmarks, cache_dir=cache_dir,
+      cache_prefix=meta.target.lower(), batch_size=batch_size, image_size=image_size,
+      workers=workers, threads=threads)
 
 
 def image_features(emb: np.ndarray, emb_flip: np.ndarray | None, faceness: np.ndarray, *,
@@ -339,11 +334,24 @@ def _mode(n: bool, d: bool, f: bool) -> str:
 
 def evaluate(apply_fn: extract.ApplyFn, root: str | epath.PathLike, target: str = "IJBC", *,
              batch_size: int = 128, use_norm_score: bool = True, use_detector_score: bool = True,
-             use_flip_test: bool = True, progress: bool = True) -> dict:
-  """Aligns, embeds and scores an IJB folder with ``apply_fn``."""
+             use_flip_test: bool = True, workers: int = 0,
+             cache_dir: str | epath.PathLike | None = None, progress: bool = True) -> dict:
+  """Aligns, embeds and scores an IJB folder with ``apply_fn``.
+
+  Args:
+    apply_fn: the backbone as a pure function (``extract.nnx_apply_fn``).
+    root: the ``IJB_release/IJBC``-style folder (local or gs://).
+    target: IJBB or IJBC.
+    batch_size: embedding batch.
+    use_norm_score, use_detector_score, use_flip_test: eval_ijbc.py's N, D, F switches.
+    workers: decode-and-align processes (0: threads in this process).
+    cache_dir: where aligned crops are cached for the next evaluation (None: no cache).
+    progress: one progress bar over the images (rate and time left).
+  """
   meta = read_meta(root, target)
-  emb, emb_flip = extract.extract_raw(apply_fn, aligned_crops(root, meta),
-                                      num_images=meta.image_names.size,
+  crops = aligned_crops(root, meta, batch_size=batch_size, workers=workers,
+                        cache_dir=cache_dir)
+  emb, emb_flip = extract.extract_raw(apply_fn, crops, num_images=meta.image_names.size,
                                       batch_size=batch_size, flip=use_flip_test,
                                       desc=target, progress=progress)
   return evaluate_features(meta, emb, emb_flip, use_norm_score=use_norm_score,
