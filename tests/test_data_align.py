@@ -124,6 +124,19 @@ def test_warp_equals_float64_bilinear_reference(name):
   assert np.abs(got.astype(float) - want).max() <= 0.5 + 1e-9
 
 
+def test_warp_entirely_inside_the_source_equals_the_reference():
+  """The path that gathers without border checks (every neighbour inside the image)."""
+  matrix = _rotation(23, (26, 18), (15, 12), scale=0.9)
+  image = np.random.default_rng(1).integers(0, 256, (37, 53, 3)).astype(np.uint8)
+  want = _reference_warp(image, matrix, (24, 30))
+  assert np.count_nonzero(want) == want.size
+  got = align.warp_affine(image, matrix, (24, 30))
+  clear = np.abs(want - np.floor(want) - 0.5) > 1e-9
+  np.testing.assert_array_equal(got[clear], np.rint(want[clear]))
+  np.testing.assert_array_equal(align.warp_affine(image[:, :, 2], matrix, (24, 30)),
+                                got[:, :, 2])
+
+
 def test_quarter_turn_and_axis_swap_are_pixel_permutations():
   """Matrices that map the pixel grid onto itself move pixels without blending."""
   image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
