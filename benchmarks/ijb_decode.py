@@ -6,6 +6,8 @@ with the JPEGs read once beforehand so that every row reads them from the page c
   ours, N workers  ``ijb.aligned_crops(..., workers=N)``: grain worker processes, each
                    decoding (libjpeg-turbo via simplejpeg, EXIF orientation applied) and
                    aligning (``data.align``) whole batches of 64; the crops are drained.
+                   Reported over the whole run and after the first batch (the workers'
+                   start-up, about 2 s of importing grain and JAX, excluded).
   insightface      the per-image loop of insightface recognition/arcface_torch/eval_ijbc.py
                    restated from its description: ``cv2.imread``, skimage
                    ``SimilarityTransform().estimate`` to the ArcFace template,
@@ -43,16 +45,19 @@ from unitsface_jax.data import align  # pylint: disable=wrong-import-position
 from unitsface_jax.evaluation import ijb  # pylint: disable=wrong-import-position
 
 
-def ours(root: pathlib.Path, meta, workers: int, cache_dir=None) -> tuple[float, np.ndarray]:
+def ours(root: pathlib.Path, meta, workers: int, cache_dir=None
+         ) -> tuple[float, float, np.ndarray]:
+  """(seconds in all, seconds to the first batch, the first batch): the steady rate is
+  the images after the first batch over the time after it (worker start-up excluded)."""
   start = time.perf_counter()
-  n, first = 0, None
+  n, first, first_s = 0, None, 0.0
   for batch in ijb.aligned_crops(root, meta, workers=workers, cache_dir=cache_dir):
     if first is None:
-      first = batch.copy()
+      first, first_s = batch.copy(), time.perf_counter() - start
     n += batch.shape[0]
   seconds = time.perf_counter() - start
   assert n == meta.image_names.size, n
-  return seconds, first
+  return seconds, first_s, first
 
 
 def insightface_loop(root: pathlib.Path, meta) -> float:
@@ -106,9 +111,12 @@ def main() -> None:
   res = {"images": n, "jpeg_mb": size / 1e6, "cpus": os.cpu_count()}
   first = None
   for w in [int(x) for x in args.workers.split(",")]:
-    seconds, first = ours(root, meta, w)
-    res[f"ours_{w}w_img_s"] = n / seconds
-    print(f"ours, {w} worker(s): {n / seconds:8.1f} img/s ({seconds:.1f} s)", flush=True)
+    seconds, first_s, first = ours(root, meta, w)
+    steady = (n - first.shape[0]) / (seconds - first_s)
+    res[f"ours_{w}w_img_s"], res[f"ours_{w}w_steady_img_s"] = n / seconds, steady
+    res[f"ours_{w}w_startup_s"] = first_s
+    print(f"ours, {w} worker(s): {n / seconds:8.1f} img/s ({seconds:.1f} s); after the first "
+          f"batch ({first_s:.1f} s) {steady:.1f} img/s", flush=True)
   if not args.no_insightface:
     seconds = insightface_loop(root, meta)
     res["insightface_img_s"] = n / seconds
@@ -120,8 +128,8 @@ def main() -> None:
   w = max(int(x) for x in args.workers.split(","))
   tmp = tempfile.mkdtemp() if args.cache_dir is None else args.cache_dir
   try:
-    write_s, a = ours(root, meta, w, cache_dir=tmp)
-    read_s, b = ours(root, meta, w, cache_dir=tmp)
+    write_s, _, a = ours(root, meta, w, cache_dir=tmp)
+    read_s, _, b = ours(root, meta, w, cache_dir=tmp)
     assert np.array_equal(a, b)
     res.update(cache_write_s=write_s, cache_read_s=read_s,
                cache_gb=sum(p.stat().st_size for p in pathlib.Path(tmp).iterdir()) / 1e9)
