@@ -253,3 +253,20 @@ def test_cli_errors_name_the_missing_input(data_dir, run_dir, tmp_path, capsys):
   assert not (tmp_path / "out").exists()
   with pytest.raises(flags.IllegalFlagValueError, match="bogus"):
     _evaluate("--protocol=bogus", f"--data={bin_path}")
+
+
+@pytest.mark.parametrize("name, line, text", [
+    ("ijbc_name_5pts_score.txt", 2, "2.jpg 101.2 119.2 148.4\n"),  # columns missing
+    ("ijbc_face_tid_mid.txt", 4, "4.jpg 208 x64198\n"),  # not a number
+    ("ijbc_template_pair_label.txt", 3, "208 526\n"),  # no label
+    ("ijbc_1N_probe_mixed.csv", 2, "oops\n"),
+])
+def test_cli_names_the_malformed_ijb_meta_file(data_dir, tmp_path, capsys, name, line, text):
+  root = write_1n_copy(data_dir / "eval" / "ijbc_mini", tmp_path / "IJBC")
+  path = root / "meta" / name
+  lines = path.read_text().splitlines(keepends=True)
+  lines[line - 1] = text
+  path.write_text("".join(lines))
+  np.savez(tmp_path / "f.npz", embeddings=np.ones((130, 4), np.float32))
+  _fails_naming(capsys, path, "--protocol=ijb", f"--data={root}",
+                f"--features={tmp_path / 'f.npz'}", f"--out={tmp_path / 'out'}")
