@@ -196,7 +196,7 @@ def write_set(out: str | os.PathLike, n_images: int, n_templates: int | None = N
   if features:
     centres = rng.standard_normal((n_gal, 512), dtype=np.float32)
     emb = centres[img_subject]
-    emb += 1.5 * rng.standard_normal(emb.shape, dtype=np.float32)
+    emb += 4.0 * rng.standard_normal(emb.shape, dtype=np.float32)
     np.savez(root / "features.npz", embeddings=emb)
   return {"images": n_images, "templates": int(tids.size), "gallery": int(n_gal),
           "pairs": int(len(pairs)), "genuine": int(pairs[:, 2].sum())}

@@ -18,9 +18,11 @@ bounded memory (benchmarks/ijb.py, BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from unitsface_jax import errors
@@ -182,7 +184,8 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
   When the pairs cover much of the grid of (first-side x second-side) templates they use,
   as IJB-B/C's do (every probe template against most gallery templates), the grid is one
   matrix product (BLAS; IJB-C: 3,531 x 19,593 x 512, 71 GFLOP, 277 MB) and each pair reads
-  its entry; grids over ``memory_bytes`` are computed in row blocks. Sparse pair lists
+  its entry, with the side the pair list is grouped by as the grid's rows; grids over
+  ``memory_bytes`` are computed in row blocks. Sparse pair lists
   gather the two rows and dot them instead.
 
   Args:
@@ -197,6 +200,11 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
   feats = np.asarray(template_feats, np.float32)
   rows_of = _RowLookup(unique_templates)
   r1, r2 = rows_of(t1), rows_of(t2)
+  if np.count_nonzero(r1[1:] != r1[:-1]) > np.count_nonzero(r2[1:] != r2[:-1]):
+    # Pairs listed by their second template: that side indexes the grid's rows, so that
+    # consecutive pairs read one row (a cosine is symmetric; on IJB-C-sized sets 2.4x
+    # faster to gather).
+    r1, r2 = r2, r1
   used1 = np.bincount(r1, minlength=unique_templates.size) > 0
   used2 = np.bincount(r2, minlength=unique_templates.size) > 0
   rows1, rows2 = np.flatnonzero(used1), np.flatnonzero(used2)
@@ -207,18 +215,27 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
     for a in range(0, r1.size, step):
       scores[a:a + step] = np.einsum("ij,ij->i", feats[r1[a:a + step]], feats[r2[a:a + step]])
     return scores
-  # Position of each pair's templates among the used rows and columns of the grid.
+  # Position of each template among the used rows and columns of the grid.
   index = np.int32 if n1 * n2 < 2**31 else np.int64
-  pos1 = (np.cumsum(used1, dtype=index) - 1)[r1]
-  pos2 = (np.cumsum(used2, dtype=index) - 1)[r2]
-  del r1, r2
+  pos_of1 = np.cumsum(used1, dtype=index) - 1
+  pos_of2 = np.cumsum(used2, dtype=index) - 1
   cols_t = np.ascontiguousarray(feats[rows2].T)
   rows_per_block = max(1, memory_bytes // (4 * n2))
   if rows_per_block >= n1:
-    grid = feats[rows1] @ cols_t
-    pos1 *= n2
-    pos1 += pos2
-    return np.take(grid.ravel(), pos1, out=scores)
+    grid = (feats[rows1] @ cols_t).ravel()
+    # Pairs in chunks whose index temporaries stay in the CPU cache: fresh 60-MB arrays
+    # cost more in page faults than the gathers themselves.
+    step = min(r1.size, _CHUNK)
+    flat, other = np.empty(step, index), np.empty(step, index)
+    for a in range(0, r1.size, step):
+      n = min(step, r1.size - a)
+      np.take(pos_of1, r1[a:a + n], out=flat[:n])
+      flat[:n] *= n2
+      flat[:n] += np.take(pos_of2, r2[a:a + n], out=other[:n])
+      np.take(grid, flat[:n], out=scores[a:a + n])
+    return scores
+  pos1, pos2 = pos_of1[r1], pos_of2[r2]
+  del r1, r2
   block = pos1 // rows_per_block
   n_blocks = int(block.max()) + 1
   # Few blocks: a stable sort on the small block index groups the pairs in linear time.
@@ -232,6 +249,9 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
     grid = feats[rows1[lo:lo + rows_per_block]] @ cols_t
     scores[sel] = grid[pos1[sel] - lo, pos2[sel]]
   return scores
+
+
+_CHUNK = 1 << 18  # pairs per step of the index arithmetic (1 MB temporaries)
 
 
 class _RowLookup:
@@ -256,8 +276,14 @@ class _RowLookup:
     if ids.size == 0:
       return np.zeros(0, np.int32)
     if self.table is not None and ids.min() >= self.lo and ids.max() < self.lo + self.table.size:
-      rows = self.table[ids - self.lo]
-      bad = rows < 0
+      rows = np.empty(ids.size, np.int32)
+      step = min(ids.size, _CHUNK)
+      offset = np.empty(step, np.int64)
+      for a in range(0, ids.size, step):
+        n = min(step, ids.size - a)
+        np.subtract(ids[a:a + n], self.lo, out=offset[:n])
+        np.take(self.table, offset[:n], out=rows[a:a + n])
+      bad = rows < 0 if rows.min() < 0 else np.zeros(0, bool)
     elif self.table is not None:
       offset = ids - self.lo
       inside = (offset >= 0) & (offset < self.table.size)
@@ -330,18 +356,32 @@ def identification_metrics(template_feats: np.ndarray, unique_templates: np.ndar
 def evaluate_features(meta: IJBMeta, emb: np.ndarray, emb_flip: np.ndarray | None, *,
                       use_norm_score: bool = True, use_detector_score: bool = True,
                       use_flip_test: bool = True) -> dict:
-  """1:1 (and 1:N when its meta files exist) from raw image features in meta order."""
+  """1:1 (and 1:N when its meta files exist) from raw image features in meta order.
+
+  Each stage's time is logged (absl INFO).
+  """
+  start = time.perf_counter()
   feats = image_features(emb, emb_flip, meta.faceness, use_norm_score=use_norm_score,
                          use_detector_score=False, use_flip_test=use_flip_test)
   unique_t, tfeats = template_features(
       feats, meta.templates, meta.medias,
       image_weights=meta.faceness if use_detector_score else None)
+  del feats
+  pooled = time.perf_counter()
   scores = pair_scores(tfeats, unique_t, meta.pair_t1, meta.pair_t2)
+  scored = time.perf_counter()
   res = {"target": meta.target, "mode": _mode(use_norm_score, use_detector_score,
                                               use_flip_test),
          "verification": verification_metrics(scores, meta.pair_label)}
+  done = time.perf_counter()
+  logging.info("%s: %d images pooled into %d templates in %.2f s; %d pairs scored in %.2f s; "
+               "ROC and TAR@FAR in %.2f s", meta.target, meta.image_names.size, unique_t.size,
+               pooled - start, scores.size, scored - pooled, done - scored)
   if meta.gallery is not None and meta.probe is not None:
     res["identification"] = identification_metrics(tfeats, unique_t, meta.gallery, meta.probe)
+    logging.info("%s: 1:N (%d probes, %d gallery templates) in %.2f s", meta.target,
+                 res["identification"]["num_probes"], res["identification"]["num_gallery"],
+                 time.perf_counter() - done)
   return res
 
 
