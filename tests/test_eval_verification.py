@@ -122,6 +122,23 @@ def test_roc_with_tied_scores_equals_sklearn_roc_curve(dtype):
     np.testing.assert_array_equal(th[1:], sk_th[1:])
 
 
+def test_packed_sort_roc_equals_the_argsort_roc_with_infinities_and_zeros():
+  """float32 scores (packed-key sort) and the same values as float64 (argsort) give the same
+  ROC, with +-inf (which the packing cannot carry: they take the argsort), +-0 and ties."""
+  rng = np.random.default_rng(11)
+  labels = rng.random(20_000) < 0.2
+  scores = np.round(rng.normal(size=labels.size) + labels, 2).astype(np.float32)
+  scores[:50], scores[50:100] = 0.0, -0.0
+  for extremes in (False, True):
+    if extremes:
+      scores[100:103], scores[103:106] = np.inf, -np.inf
+    for drop in (True, False):
+      got = metrics.roc(scores, labels, drop)
+      want = metrics.roc(scores.astype(np.float64), labels, drop)
+      for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 # ---------------------------------------------------------------------------- .bin loading
 
 def test_lfw_fold1_bin_loads_with_memo_references(data_dir):
