@@ -57,7 +57,7 @@ def test_the_benchmark_set_has_ijbc_shape(small_set):
   np.testing.assert_allclose(lm, meta.landmarks[7], atol=1e-3)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_crops_from_workers_equal_the_direct_alignment(small_set, workers):
   root, _ = small_set
   meta = ijb.read_meta(root)
@@ -107,6 +107,7 @@ def test_a_damaged_cache_is_rebuilt_and_an_interrupted_one_is_not_kept(small_set
   assert path.stat().st_size == 128 + want.nbytes  # written again, whole
 
 
+@pytest.mark.slow  # starts grain worker processes
 def test_an_undecodable_image_in_a_worker_is_named(small_set, tmp_path):
   root, _ = small_set
   copy = tmp_path / "IJBC"
@@ -124,6 +125,7 @@ def run_dir(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # a command line with grain worker processes
 def test_the_command_line_evaluates_the_set_with_workers_and_the_cache(
     small_set, run_dir, tmp_path, capsys):
   """Two runs of --protocol=ijb over the images: the first decodes in two workers and
