@@ -154,3 +154,26 @@ def test_the_command_line_evaluates_the_set_with_workers_and_the_cache(
   got = results[0]
   assert got["verification"]["tar_at_far"] == want["verification"]["tar_at_far"]
   assert got["identification"]["rank1"] == want["identification"]["rank1"]
+
+
+def test_images_and_crop_cache_on_gcs(gcs, data_dir):
+  """An IJB folder and its crop cache in gs:// (the GCS server on 127.0.0.1): the first run
+  reads the images from the bucket and uploads the cache, the second streams the cache."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  local = data_dir / "eval" / "ijbc_mini"
+  root = epath.Path("gs://test/ijb_pipeline/IJBC")
+  for path in sorted(local.rglob("*")):
+    if path.is_file():
+      (root / path.relative_to(local)).parent.mkdir(parents=True, exist_ok=True)
+      (root / path.relative_to(local)).write_bytes(path.read_bytes())
+  meta = ijb.read_meta(root)
+  want = _direct_crops(local, meta)
+  cache = epath.Path("gs://test/ijb_pipeline/cache")
+  first = np.concatenate(list(ijb.aligned_crops(root, meta, batch_size=48, cache_dir=cache)))
+  (path,) = list(cache.iterdir())
+  for image in (root / "loose_crop").iterdir():
+    image.unlink()
+  again = np.concatenate(list(ijb.aligned_crops(root, meta, batch_size=48, cache_dir=cache)))
+  np.testing.assert_array_equal(first, want)
+  np.testing.assert_array_equal(again, want)
+  assert path.stat().length == 128 + want.nbytes
