@@ -9,7 +9,9 @@ the current one.
 The aligned uint8 crops can be kept in a cache file, a plain ``.npy`` [N, S, S, 3] on local
 disk (read memory-mapped) or on gs:// (read in order), named by a fingerprint of the image
 names, the landmarks and the crop size, so evaluating a second model skips decode and align.
-IJB-C's 469,375 crops at 112x112 take 17.7 GB.
+The images' bytes are not part of the fingerprint (reading them all would cost what the cache
+saves): images replaced under the same names need another cache folder. IJB-C's 469,375
+crops at 112x112 take 17.7 GB.
 """
 
 from __future__ import annotations
