@@ -82,6 +82,7 @@ def test_hlo_dtypes_of_an_opcode():
   assert plan.hlo_dtypes_of(text, "dot") == {"bf16": 1}
 
 
+@pytest.mark.slow  # a child pytest on 8 simulated devices
 def test_the_abstract_state_is_init_states_on_8_devices(multidevice_pytest):
   """tests/multidevice/test_plan_state.py: shapes, dtypes and shardings leaf for leaf."""
   multidevice_pytest("test_plan_state.py", 6, timeout=600)
