@@ -16,7 +16,7 @@ with the JPEGs read once beforehand so that every row reads them from the page c
   cache write/read ``aligned_crops(..., workers=N, cache_dir=...)`` twice: the first run
                    decodes and writes the crop cache, the second reads it.
 
-It also reports how far our crops are from cv2's on the first 500 images (mean and largest
+It also reports how far our crops are from cv2's on the first 512 images (mean and largest
 absolute difference in grey levels). opencv-python-headless and scikit-image are needed for
 the insightface row only (``pip install opencv-python-headless scikit-image``).
 

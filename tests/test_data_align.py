@@ -137,6 +137,12 @@ def test_warp_entirely_inside_the_source_equals_the_reference():
                                 got[:, :, 2])
 
 
+def test_an_empty_source_or_output_is_all_border():
+  matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  assert not align.warp_affine(np.zeros((0, 5, 3), np.uint8), matrix, (4, 4)).any()
+  assert align.warp_affine(np.ones((5, 5), np.uint8), matrix, (0, 4)).shape == (0, 4)
+
+
 def test_quarter_turn_and_axis_swap_are_pixel_permutations():
   """Matrices that map the pixel grid onto itself move pixels without blending."""
   image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)

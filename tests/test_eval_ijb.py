@@ -36,6 +36,16 @@ def test_meta_matches_fixture(meta):
   assert meta.gallery is None  # no 1:N files in this fixture
 
 
+def test_file_names_may_hold_a_hash(root, tmp_path):
+  """'#' is part of a name, not a comment, in every meta file."""
+  dest = tmp_path / "IJBC"
+  shutil.copytree(root / "meta", dest / "meta")
+  for path in (dest / "meta").iterdir():
+    path.write_text(path.read_text().replace("1.jpg ", "#1.jpg "))
+  meta = ijb.read_meta(dest)
+  assert meta.image_names[0] == "#1.jpg" and meta.image_names.size == 130
+
+
 def test_similarity_transform_recovers_a_known_transform():
   rng = np.random.default_rng(0)
   ang, scale, t = 0.3, 1.7, np.array([12.0, -4.0])
@@ -108,6 +118,9 @@ def test_pair_scores_equal_gathered_dot_products(layout, memory_bytes):
   np.testing.assert_allclose(got, np.sum(feats[i1] * feats[i2], 1), atol=1e-6)
   with pytest.raises(ValueError, match="templates without images"):
     ijb.pair_scores(feats, ids, np.array([ids[0]]), np.array([10_001]))
+  with pytest.raises(ValueError, match="one of each per pair"):
+    ijb.pair_scores(feats, ids, ids[:2], ids[:3])
+  assert ijb.pair_scores(feats, ids, ids[:0], ids[:0]).shape == (0,)
 
 
 def _pixel_apply_fn():

@@ -177,3 +177,16 @@ def test_images_and_crop_cache_on_gcs(gcs, data_dir):
   np.testing.assert_array_equal(first, want)
   np.testing.assert_array_equal(again, want)
   assert path.stat().length == 128 + want.nbytes
+
+
+def test_a_model_error_leaves_no_partial_cache_while_its_traceback_is_kept(small_set, tmp_path):
+  root, _ = small_set
+  cache = tmp_path / "cache"
+
+  def broken(images):
+    raise RuntimeError("model failed")
+
+  with pytest.raises(RuntimeError, match="model failed") as kept:
+    ijb.evaluate(broken, root, batch_size=16, cache_dir=cache, progress=False)
+  assert kept.value is not None  # the exception (and its traceback) is still referenced
+  assert list(cache.iterdir()) == []

@@ -92,6 +92,9 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) ->
   x0, y0 = np.floor(sx).astype(np.int64).ravel(), np.floor(sy).astype(np.int64).ravel()
   fx, fy = sx.ravel() - x0, sy.ravel() - y0
   h, w = src.shape[:2]
+  if h == 0 or w == 0 or height == 0 or width == 0:  # nothing to sample: all border
+    out = np.zeros((height, width, src.shape[2]), image.dtype)
+    return out[:, :, 0] if squeeze else out
   flat = np.ascontiguousarray(src).reshape(h * w, src.shape[2])
   # The four neighbours of each sample are gathered straight from the source (a 112x112
   # crop of a 1000x1000 photo reads 50k of its pixels, and nothing is copied or widened

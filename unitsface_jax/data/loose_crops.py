@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -76,7 +77,8 @@ def aligned_batches(folder: str | os.PathLike, names: Sequence[str] | np.ndarray
     threads: threads when ``workers`` is 0.
 
   Raises:
-    DataError: an image is missing or undecodable; names the file.
+    DataError: an image is undecodable; names the file.
+    OSError: an image is missing or unreadable (FileNotFoundError names the file).
   """
   make = AlignBatch(os.fspath(folder), np.asarray(names), np.asarray(landmarks, np.float64),
                     batch_size, image_size)
@@ -178,7 +180,8 @@ def cached_aligned_batches(folder: str | os.PathLike, names: np.ndarray, landmar
       yield from cached
       return
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  # Host and pid: two hosts writing one gs:// cache never share a temporary name.
+  tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
   logging.info("writing aligned crops to the cache %s (%.1f GB)", path,
                n * image_size * image_size * 3 / 1e9)
   done = False

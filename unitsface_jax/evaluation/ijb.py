@@ -17,6 +17,7 @@ bounded memory (benchmarks/ijb.py, BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -54,13 +55,18 @@ def _load(path: epath.Path, dtype, columns: Sequence[int], **kw) -> np.ndarray:
   """Numeric ``columns`` of a meta file (NumPy's C parser: IJB-C's 15.66M pairs in ~1 s)."""
   try:
     with path.open("r") as f:
-      return np.loadtxt(f, dtype=dtype, usecols=columns, ndmin=2, **kw)
-  except ValueError as e:
+      # No comment character: IJB file names may hold '#'.
+      return np.loadtxt(f, dtype=dtype, usecols=columns, ndmin=2, comments=None, **kw)
+  except ValueError as e:  # UnicodeDecodeError included
     raise MetaError(f"{path}: {e}") from None
 
 
 def _first_column(path: epath.Path) -> np.ndarray:
-  return np.array([ln.split(None, 1)[0] for ln in path.read_text().splitlines() if ln.strip()])
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise MetaError(f"{path}: {e}") from None
+  return np.array([ln.split(None, 1)[0] for ln in text.splitlines() if ln.strip()])
 
 
 def _read_1n_csv(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +204,11 @@ def pair_scores(template_feats: np.ndarray, unique_templates: np.ndarray, t1: np
     float32 [P] scores.
   """
   feats = np.asarray(template_feats, np.float32)
+  if np.shape(t1) != np.shape(t2):
+    raise ValueError(f"{np.size(t1)} first and {np.size(t2)} second templates: one of each "
+                     "per pair")
+  if np.size(t1) == 0:
+    return np.zeros(0, np.float32)
   rows_of = _RowLookup(unique_templates)
   r1, r2 = rows_of(t1), rows_of(t2)
   if np.count_nonzero(r1[1:] != r1[:-1]) > np.count_nonzero(r2[1:] != r2[:-1]):
@@ -406,10 +417,12 @@ def evaluate(apply_fn: extract.ApplyFn, root: str | epath.PathLike, target: str 
     progress: one progress bar over the images (rate and time left).
   """
   meta = read_meta(root, target)
-  crops = aligned_crops(root, meta, batch_size=batch_size, workers=workers,
-                        cache_dir=cache_dir)
-  emb, emb_flip = extract.extract_raw(apply_fn, crops, num_images=meta.image_names.size,
-                                      batch_size=batch_size, flip=use_flip_test,
-                                      desc=target, progress=progress)
+  # Closed on any exit: an error in the model must not leave the decode workers, or a
+  # partial cache file, alive for as long as its traceback is kept.
+  with contextlib.closing(aligned_crops(root, meta, batch_size=batch_size, workers=workers,
+                                        cache_dir=cache_dir)) as crops:
+    emb, emb_flip = extract.extract_raw(apply_fn, crops, num_images=meta.image_names.size,
+                                        batch_size=batch_size, flip=use_flip_test,
+                                        desc=target, progress=progress)
   return evaluate_features(meta, emb, emb_flip, use_norm_score=use_norm_score,
                            use_detector_score=use_detector_score, use_flip_test=use_flip_test)
