@@ -60,17 +60,23 @@ def ours(root: pathlib.Path, meta, workers: int, cache_dir=None
   return seconds, first_s, first
 
 
-def insightface_loop(root: pathlib.Path, meta) -> float:
+def _cv2_crop(path: pathlib.Path, landmarks: np.ndarray) -> np.ndarray:
+  """eval_ijbc.py's per-image work up to the RGB crop: cv2.imread, skimage's similarity
+  estimate to the ArcFace template, cv2.warpAffine (border 0), BGR to RGB."""
   import cv2  # pylint: disable=g-import-not-at-top
   from skimage import transform  # pylint: disable=g-import-not-at-top
-  template = align.ARCFACE_TEMPLATE.astype(np.float32)
+  img = cv2.imread(str(path))
+  tform = transform.SimilarityTransform()
+  tform.estimate(landmarks.astype(np.float32), align.ARCFACE_TEMPLATE.astype(np.float32))
+  crop = cv2.warpAffine(img, tform.params[0:2, :], (112, 112), borderValue=0.0)
+  return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
+
+
+def insightface_loop(root: pathlib.Path, meta) -> float:
+  """The loop, with the flipped copy stacked beside each crop as eval_ijbc.py does."""
   start = time.perf_counter()
   for name, lmk in zip(meta.image_names, meta.landmarks):
-    img = cv2.imread(str(root / "loose_crop" / name))
-    tform = transform.SimilarityTransform()
-    tform.estimate(lmk.astype(np.float32), template)
-    crop = cv2.warpAffine(img, tform.params[0:2, :], (112, 112), borderValue=0.0)
-    crop = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
+    crop = _cv2_crop(root / "loose_crop" / name, lmk)
     blob = np.zeros((2, 3, 112, 112), np.uint8)
     blob[0] = np.transpose(crop, (2, 0, 1))
     blob[1] = np.transpose(np.fliplr(crop), (2, 0, 1))
@@ -78,17 +84,9 @@ def insightface_loop(root: pathlib.Path, meta) -> float:
 
 
 def cv2_difference(root: pathlib.Path, meta, crops: np.ndarray) -> tuple[float, int]:
-  import cv2  # pylint: disable=g-import-not-at-top
-  from skimage import transform  # pylint: disable=g-import-not-at-top
-  diffs = []
-  for i in range(crops.shape[0]):
-    img = cv2.imread(str(root / "loose_crop" / meta.image_names[i]))
-    tform = transform.SimilarityTransform()
-    tform.estimate(meta.landmarks[i].astype(np.float32), align.ARCFACE_TEMPLATE.astype(np.float32))
-    ref = cv2.cvtColor(cv2.warpAffine(img, tform.params[0:2, :], (112, 112), borderValue=0.0),
-                       cv2.COLOR_BGR2RGB)
-    diffs.append(np.abs(ref.astype(int) - crops[i].astype(int)))
-  d = np.stack(diffs)
+  d = np.stack([np.abs(_cv2_crop(root / "loose_crop" / meta.image_names[i],
+                                 meta.landmarks[i]).astype(int) - crops[i].astype(int))
+                for i in range(crops.shape[0])])
   return float(d.mean()), int(d.max())
 
 

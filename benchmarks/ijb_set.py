@@ -83,15 +83,16 @@ def layout(n_images: int, n_templates: int | None = None, seed: int = 0) -> dict
 
 
 def _sources():
-  names = [ln.split()[0] for ln in (SOURCE / "meta" / "ijbc_name_5pts_score.txt")
-           .read_text().splitlines() if ln.strip()]
   rows = [ln.split("\t") for ln in (SOURCE / "source_map.tsv").read_text().splitlines()[1:]]
   person = {r[0]: int(r[4]) for r in rows}
-  lmk = {ln.split()[0]: np.array(ln.split()[1:11], float).reshape(5, 2)
-         for ln in (SOURCE / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()}
+  lmk = {}
+  for line in (SOURCE / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines():
+    if line.strip():
+      name, *values = line.split()
+      lmk[name] = np.array(values[:10], float).reshape(5, 2)
   by_person: dict[int, list[str]] = {}
-  for n in names:
-    by_person.setdefault(person[n], []).append(n)
+  for name in lmk:  # file order
+    by_person.setdefault(person[name], []).append(name)
   return by_person, lmk
 
 

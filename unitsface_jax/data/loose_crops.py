@@ -27,6 +27,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
+from unitsface_jax import storage
 from unitsface_jax.data import align, pixels
 
 # Part of the cache fingerprint: bump when decoding or alignment changes what a crop holds.
@@ -138,7 +139,7 @@ def _read_cache(path: epath.Path, n: int, image_size: int, batch_size: int
     return None
 
   def batches() -> Iterator[np.ndarray]:
-    if os.path.exists(os.fspath(path)):  # local: memory-mapped, no copy of the whole set
+    if not storage.is_remote(path):  # local: memory-mapped, no copy of the whole set
       crops = np.load(os.fspath(path), mmap_mode="r")
       for a in range(0, n, batch_size):
         yield np.array(crops[a:a + batch_size])
