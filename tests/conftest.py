@@ -135,18 +135,19 @@ def one_cpu_device(request):
 
 @pytest.fixture
 def multidevice_pytest(tmp_path):
-  """``run(name, expected, timeout=..., xla_flags=())`` runs ``tests/multidevice/<name>`` in
-  a child pytest with 8 simulated CPU devices and asserts that it passed with exactly
-  ``expected`` tests, none failed, errored or skipped."""
-  def run(name, expected, *, timeout, xla_flags=()):
-    report = tmp_path / f"{name}.xml"
+  """``run(names, expected, timeout=..., xla_flags=())`` runs ``tests/multidevice/<name>`` (a
+  name or a tuple of them) in one child pytest with 8 simulated CPU devices and asserts that
+  it passed with exactly ``expected`` tests, none failed, errored or skipped."""
+  def run(names, expected, *, timeout, xla_flags=()):
+    names = (names,) if isinstance(names, str) else tuple(names)
+    report = tmp_path / "multidevice.xml"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
         ("--xla_force_host_platform_device_count=8", *xla_flags)))
     env.pop("JAX_ENABLE_X64", None)
     env.pop("PYTEST_ADDOPTS", None)  # options meant for this session (-k, -x) would cut the run
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-         str(MULTIDEVICE_DIR / name)],
+         *(str(MULTIDEVICE_DIR / name) for name in names)],
         cwd=TESTS_DIR.parent, env=env, capture_output=True, text=True, timeout=timeout)
     # The first failure in full and the summary of all (one bug can fail dozens).
     out = proc.stdout if len(proc.stdout) < 16000 else (
@@ -158,6 +159,36 @@ def multidevice_pytest(tmp_path):
     assert counts == dict(tests=expected, failures=0, errors=0, skipped=0), output
 
   return run
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+  """``shared_dir(name, build)``: the directory ``build(path)`` filled, built once for the
+  whole session, whichever xdist worker asks first; the others wait for it and reuse it.
+
+  For trained workdirs several tests read: a module- or session-scoped fixture alone is built
+  once per worker, and ``pytest -n 2`` runs most modules on both. A test that changes what it
+  gets copies it first. A ``build`` that failed is tried again by the next caller (and fails
+  there too, naming its own error).
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:  # each worker's basetemp is inside the session's
+    root = root.parent
+  root = root / "shared"
+  root.mkdir(exist_ok=True)
+
+  def get(name, build):
+    path, done = root / name, root / f"{name}.done"
+    with filelock.FileLock(str(root / f"{name}.lock")):
+      if not done.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        build(path)
+        done.touch()
+    return path
+
+  return get
 
 
 @pytest.fixture(scope="session")

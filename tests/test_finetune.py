@@ -232,16 +232,19 @@ def _metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def finetuned(exported, lfw_split, data_dir, tmp_path_factory):
+def finetuned(exported, lfw_split, data_dir, shared_dir):
   """An uninterrupted fine-tuning run of the demo's model on the LFW training images, with
-  the held-out pairs evaluated before the first step and after the last."""
-  workdir = tmp_path_factory.mktemp("finetuned")
-  init = workdir.parent / "init.npz"
-  shutil.copy(exported[0], init)
-  bins = (str(lfw_split[1]), str(data_dir / "eval" / "lfw_fold1.bin"))
-  _ok(_run(workdir, *_finetune_flags(lfw_split, init), f"--config.eval.bins={bins!r}",
-           f"--config.eval.every_steps={EPOCHS * 3}"))
-  return workdir, init
+  the held-out pairs evaluated before the first step and after the last: (its workdir, the
+  init file it started from), trained once in the session and only read."""
+  def build(root):
+    init = root / "init.npz"
+    shutil.copy(exported[0], init)
+    bins = (str(lfw_split[1]), str(data_dir / "eval" / "lfw_fold1.bin"))
+    _ok(_run(root / "run", *_finetune_flags(lfw_split, init), f"--config.eval.bins={bins!r}",
+             f"--config.eval.every_steps={EPOCHS * 3}"))
+
+  root = shared_dir("finetuned", build)
+  return root / "run", root / "init.npz"
 
 
 @pytest.mark.slow

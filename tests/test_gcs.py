@@ -142,13 +142,12 @@ def _fresh() -> None:
   fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
 
 
-@pytest.fixture(scope="module")
-def tiny_reference(tmp_path_factory):
-  """The uninterrupted tiny smoke run, data and workdir on the local disk."""
+@pytest.fixture(scope="session")
+def tiny_reference(shared_dir):
+  """The uninterrupted tiny smoke run, data and workdir on the local disk: tests/test_train.py's
+  reference (the same flags, and an evaluation at step 16 that changes no weight)."""
   import test_train  # pylint: disable=g-import-not-at-top  # its runner and readers
-  workdir = tmp_path_factory.mktemp("tiny_reference")
-  test_train.ok(test_train.run(1, workdir, *TINY))
-  return workdir
+  return test_train.smoke_reference(shared_dir)
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +277,10 @@ def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, dem
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = "gs://test/runs/two_processes"
   flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
-  for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags,
-                                                          env=_train_env()):
+  # Without the CPU tuning, as tests/test_pod_failures.py's two-process runs: the same
+  # program, compiled once in the session.
+  for returncode, stderr in test_train.run_two_processes(
+      workdir, free_port(), *flags, env=test_train._env(UNITSFACE_NO_XLA_FLAGS="1")):  # pylint: disable=protected-access
     assert returncode == 0, stderr[-4000:]
   _fresh()
   assert test_train.steps(workdir) == [4, 8]

@@ -45,17 +45,13 @@ def _env(devices):
 
 
 @pytest.mark.slow
-def test_sharded_head_tests_pass_on_8_devices(multidevice_pytest):
-  """tests/multidevice/test_head_sharded.py on 8 simulated devices: every test runs and
-  passes, none skipped."""
-  multidevice_pytest("test_head_sharded.py", SHARDED_TESTS, timeout=480)
-
-
-@pytest.mark.slow
-def test_every_s2c_loss_sharded_on_8_devices(multidevice_pytest):
-  """tests/multidevice/test_head_losses.py on 8 simulated devices: combined margin, AdaFace,
-  CurricularFace, MagFace, normalized BCE and UCE, sharded, with PartialFC, resumed."""
-  multidevice_pytest("test_head_losses.py", LOSS_TESTS, timeout=600)
+def test_sharded_head_and_every_s2c_loss_pass_on_8_devices(multidevice_pytest):
+  """tests/multidevice/test_head_sharded.py and test_head_losses.py (combined margin,
+  AdaFace, CurricularFace, MagFace, normalized BCE and UCE, sharded, with PartialFC, resumed)
+  on 8 simulated devices, in one process (one start-up; the single-device references they
+  share compile once): every test runs and passes, none skipped."""
+  multidevice_pytest(("test_head_sharded.py", "test_head_losses.py"),
+                     SHARDED_TESTS + LOSS_TESTS, timeout=900)
 
 
 def _topology(results):

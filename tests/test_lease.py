@@ -110,16 +110,20 @@ def test_the_heartbeat_is_renewed_and_a_lease_taken_by_another_run_is_noticed(tm
 
 def test_of_two_runs_started_together_one_takes_the_lease(tmp_path):
   workdir = str(tmp_path / "run")
-  outcomes, start = [], threading.Barrier(4)
+  # The run that takes the lease holds it until every other run has tried: on a busy machine
+  # a thread can reach its attempt after a fixed hold has ended, and then rightly takes a
+  # lease given back.
+  outcomes, start, tried = [], threading.Barrier(4), threading.Barrier(4, timeout=60)
 
   def contend():
     start.wait()
     try:
       with lease.Lease(workdir):
         outcomes.append("took")
-        time.sleep(0.5)
+        tried.wait()
     except lease.LeaseHeldError:
       outcomes.append("refused")
+      tried.wait()
 
   threads = [threading.Thread(target=contend) for _ in range(4)]
   for t in threads:

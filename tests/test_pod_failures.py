@@ -4,6 +4,7 @@ process lost mid-run, an unreadable latest checkpoint. Tiny smoke runs in child 
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,11 +110,19 @@ def _tree(path: pathlib.Path) -> dict:
   return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow
-def test_unreadable_checkpoints_are_skipped_kept_aside_and_saved_again(tmp_path, capsys,
-                                                                       caplog):
+@pytest.fixture
+def tiny_run(shared_dir, tmp_path):
+  """A copy of the tiny run's workdir (trained once in the session): checkpoints 4, 6, 8."""
+  trained = shared_dir("pod_tiny_run", lambda workdir: ok(run(1, workdir, *TINY)))
   workdir = tmp_path / "run"
-  ok(run(1, workdir, *TINY))
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_unreadable_checkpoints_are_skipped_kept_aside_and_saved_again(tiny_run, tmp_path,
+                                                                       capsys, caplog):
+  workdir = tiny_run
   assert steps(workdir) == [4, 6, 8]
   ckpts = workdir / "checkpoints"
   _truncate_largest_array_file(ckpts / "8")
@@ -144,17 +153,16 @@ def test_unreadable_checkpoints_are_skipped_kept_aside_and_saved_again(tmp_path,
 
 
 @pytest.mark.slow
-def test_no_readable_checkpoint_stops_naming_the_directory(tmp_path, capsys):
-  workdir = tmp_path / "run"
-  ok(run(1, workdir, *TINY, "--config.num_epochs=1"))
+def test_no_readable_checkpoint_stops_naming_the_directory(tiny_run, tmp_path, capsys):
+  workdir = tiny_run
   ckpts = workdir / "checkpoints"
   for step in steps(workdir):
     _truncate_largest_array_file(ckpts / str(step))
   proc = run(1, workdir, *TINY)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(
-      f"error: no readable checkpoint in {ckpts} (steps [4, 2] cannot be read")
-  assert "Traceback" not in proc.stderr and steps(workdir) == [2, 4]  # nothing moved
+      f"error: no readable checkpoint in {ckpts} (steps [8, 6, 4] cannot be read")
+  assert "Traceback" not in proc.stderr and steps(workdir) == [4, 6, 8]  # nothing moved
   # One warning line per checkpoint, not orbax's echo of every abandoned array read.
   assert "Exception ignored" not in proc.stderr and len(proc.stderr.splitlines()) < 30
   status, err = command_lines.run_main_stderr(
@@ -200,7 +208,8 @@ def test_a_hung_peer_ends_the_other_process_within_the_step_timeout(tmp_path, fr
   """Process 1 stops itself (SIGSTOP) after step 5, alive but silent, its checkpoint 4 on
   disk: process 0 waits in step 6's collectives until its step timeout (10 s) ends it, one
   line naming the step and the host, exit 3, well before the coordination service's 100 s
-  heartbeat timeout. The run started again resumes from 4."""
+  heartbeat timeout. (It leaves what a lost peer leaves: checkpoint 4, and process 0's lease
+  of a process that has ended; the test above starts such a run again.)"""
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
   flags = [*TINY, "--config.checkpoint_every_steps=4", "--config.step_timeout_s=10"]
   stop = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGSTOP"]
@@ -230,11 +239,6 @@ def test_a_hung_peer_ends_the_other_process_within_the_step_timeout(tmp_path, fr
   assert f"on {socket.gethostname()}, process 0 of 2" in lines[0] and "Traceback" not in err0
   assert elapsed <= 10 + 10, elapsed
   assert steps(workdir) == [4]
-  code, err, left = launch_local(tmp_path, workdir, *flags, devices=2, env=env, timeout=300)
-  logs = [(tmp_path / f"unitsface_proc{i}.log").read_text() for i in range(2)]
-  assert code == 0 and not left, (err, [log[-3000:] for log in logs])
-  assert all("resumed from step 4" in log for log in logs)
-  assert steps(workdir) == [4, 8] and max(metrics(workdir)) == 8
 
 
 @pytest.mark.slow

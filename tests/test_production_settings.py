@@ -118,11 +118,10 @@ def assert_bitwise_equal(want, got):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  """4 steps of the tiny recipe, dropout 0.4, RecordIO read by 2 threads in this process."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  train_run(workdir)
-  return workdir
+def uninterrupted(shared_dir):
+  """4 steps of the tiny recipe, dropout 0.4, RecordIO read by 2 threads in this process
+  (trained once in the session; read-only)."""
+  return shared_dir("tiny_uninterrupted", train_run)
 
 
 def write_pairs(path):
@@ -146,13 +145,19 @@ def write_pairs(path):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-  """The uninterrupted run without dropout, evaluating verification pairs every 2 steps."""
-  pairs = write_pairs(tmp_path_factory.mktemp("eval") / "pairs.bin")
-  settings = {"model.dropout": 0.0, "eval.every_steps": 2, "eval.bins": (str(pairs),)}
-  workdir = tmp_path_factory.mktemp("evaluated")
-  train_run(workdir, settings)
-  return workdir, tiny_config(settings)
+def evaluated(shared_dir):
+  """The uninterrupted run without dropout, evaluating verification pairs every 2 steps
+  (trained once in the session; read-only): (its workdir, its config)."""
+  def settings(root):
+    return {"model.dropout": 0.0, "eval.every_steps": 2,
+            "eval.bins": (str(root / "pairs.bin"),)}
+
+  def build(root):
+    write_pairs(root / "pairs.bin")
+    train_run(root / "run", settings(root))
+
+  root = shared_dir("tiny_evaluated", build)
+  return root / "run", tiny_config(settings(root))
 
 
 def test_dropout_run_resumes_bitwise_and_differs_from_no_dropout(uninterrupted, evaluated,
@@ -176,13 +181,18 @@ def _child_env():
   return env
 
 
+# A training-mode forward pass, compiled (op by op it takes seconds); nnx.jit writes the
+# updated statistics back into the model.
+_forward = nnx.jit(lambda model, images: model(images))
+
+
 def _batch_stats(graphdef, rng_state, state, images=None):
   """Every BatchNorm running statistic of ``state``'s backbone, after a training-mode forward
   pass on ``images`` if given."""
   model = nnx.merge(graphdef, state.params["backbone"], state.model_state, rng_state,
                     copy=True)
   if images is not None:
-    model(images)
+    _forward(model, images)
   return {path: np.asarray(v[...], np.float64)
           for path, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
 
