@@ -179,7 +179,9 @@ def test_unknown_weight_format_is_refused(tmp_path):
                        "iresnet18")
 
 
-@pytest.mark.parametrize("name,width", [("iresnet18", 64), ("mbf", 64), ("vit_t", 16)])
+# Narrow trunks (a width the exporter does not assume; the parity tests above cover full width)
+# with the 512-d embedding.
+@pytest.mark.parametrize("name,width", [("iresnet18", 16), ("mbf", 16), ("vit_t", 16)])
 def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path, name, width):
   ort = pytest.importorskip("onnxruntime")
   from unitsface_jax.export.onnx_export import export_onnx

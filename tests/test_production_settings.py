@@ -299,7 +299,7 @@ def test_arcface_with_s2s_bce_trains_and_logs_the_arcface_loss(tmp_path):
   graphdef, rng_state, state = restored(config, tmp_path, 6)
   batch = batches(config, 7)[-1]
   model = nnx.merge(graphdef, state.params["backbone"], state.model_state, rng_state)
-  embeddings = np.asarray(model(model_input(batch)), np.float64)  # training mode, as the step
+  embeddings = np.asarray(_forward(model, model_input(batch)), np.float64)  # training mode
   w = np.asarray(state.params["head"].w, np.float64)[:config.data.num_classes]
   cos = _cosines(embeddings, w)
   arcface = _margin_softmax_loss(cos, batch["label"],
