@@ -133,6 +133,29 @@ def test_of_two_runs_started_together_one_takes_the_lease(tmp_path):
   assert sorted(outcomes) == ["refused"] * 3 + ["took"]
 
 
+def test_a_lease_being_taken_in_this_process_is_not_taken_over(tmp_path, monkeypatch):
+  """A second run of this process that reads the lease between its creation and the first
+  run's return (the window two threads started together hit) finds it held, not left by an
+  ended incarnation of this process (the lease names this pid either way)."""
+  workdir = str(tmp_path / "run")
+  create, outcomes = lease._create, []  # pylint: disable=protected-access
+
+  def create_then_contend(path, data):
+    create(path, data)
+    if not outcomes:
+      outcomes.append("first created")
+      try:
+        with lease.Lease(workdir):
+          outcomes.append("second took")
+      except lease.LeaseHeldError:
+        outcomes.append("second refused")
+
+  monkeypatch.setattr(lease, "_create", create_then_contend)
+  with lease.Lease(workdir):
+    pass
+  assert outcomes == ["first created", "second refused"]
+
+
 def test_a_lease_replaced_between_heartbeats_is_found_before_the_next_save(workdir):
   """Two relaunches that take over one stale lease together: the one whose lease was
   replaced learns it from ``check`` (read before each save), not only at its next heartbeat."""

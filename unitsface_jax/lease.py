@@ -184,6 +184,18 @@ class Lease:
 
   def _take(self) -> None:
     data = self._data()
+    # The token counts as held here before the file exists: another Lease of this process
+    # that reads the file between its creation and our return must not judge it an ended
+    # incarnation's (its pid is ours) and take it over.
+    token = self._record["token"]
+    _HELD_HERE.add(token)
+    try:
+      self._take_file(data)
+    except BaseException:
+      _HELD_HERE.discard(token)
+      raise
+
+  def _take_file(self, data: bytes) -> None:
     for _ in range(3):  # a takeover races with at most a few others
       try:
         _create(self.path, data)
@@ -217,7 +229,6 @@ class Lease:
       try:
         self._take()
         self._held = True
-        _HELD_HERE.add(self._record["token"])
       except Exception as e:
         if client is not None:  # the others stop too, with the same line
           client.key_value_set(_KEY, (str(e) or type(e).__name__).splitlines()[0])
