@@ -66,11 +66,16 @@ def test_loss_variant_trains_the_smoke_run_to_completion(variant, tmp_path):
     assert float(buffers["s2c_stats"][key]) != float(value), key
 
 
+# Two losses whose statistics move with every batch, one with PartialFC (the run above has
+# none) and one without (the run above has it). Every loss with and without PartialFC is
+# checked against its single-device reference in tests/multidevice/test_head_losses.py; the
+# head samples classes the same way for every loss, and the loss with per-class state
+# (normbce) trains with PartialFC above.
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", default.LOSS_VARIANTS)
+@pytest.mark.parametrize("variant", ["adaface", "curricularface"])
 def test_loss_variant_trains_alone_with_the_other_partial_fc_setting(variant, tmp_path):
-  """Each loss without a sample-to-sample term (``loss.s2s = none``), with PartialFC where
-  the run above has none and without it where the run above has it: the objective is the
+  """A loss without a sample-to-sample term (``loss.s2s = none``), with PartialFC where the
+  run above has none and without it where the run above has it: the objective is the
   sample-to-class term alone."""
   rate = 1.0 if SETTINGS[variant].get("loss.sample_rate", 1.0) < 1.0 else 0.5
   config = _config(variant, **{"loss.s2s": "none", "loss.sample_rate": rate,
