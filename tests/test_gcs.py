@@ -279,8 +279,8 @@ def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, dem
   flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
   # Without the CPU tuning, as tests/test_pod_failures.py's two-process runs: the same
   # program, compiled once in the session.
-  for returncode, stderr in test_train.run_two_processes(
-      workdir, free_port(), *flags, env=test_train._env(UNITSFACE_NO_XLA_FLAGS="1")):  # pylint: disable=protected-access
+  env = test_train._env(UNITSFACE_NO_XLA_FLAGS="1")  # pylint: disable=protected-access
+  for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags, env=env):
     assert returncode == 0, stderr[-4000:]
   _fresh()
   assert test_train.steps(workdir) == [4, 8]
