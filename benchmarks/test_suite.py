@@ -60,13 +60,14 @@ def main(argv):
   summary = next((l for l in reversed(lines) if " in " in l and ("passed" in l or "failed" in l)),
                  "")
   print(f"commit {commit}: {summary}")
-  print(f"wall {wall:.0f} s, CPU (user + sys) {cpu:.0f} s, tests {sum(d[0] for d in durations):.0f} s")
+  total = sum(d[0] for d in durations)
+  print(f"wall {wall:.0f} s, CPU (user + sys) {cpu:.0f} s, tests {total:.0f} s")
   for seconds, phase, test in durations[:10]:
     print(f"  {seconds:6.0f} s  {test}{' (fixture)' if phase == 'setup' else ''}")
   print(json.dumps({
       "commit": commit, "returncode": proc.returncode, "summary": summary,
       "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-      "test_duration_sum_s": round(sum(d[0] for d in durations), 1),
+      "test_duration_sum_s": round(total, 1),
       "slowest": [[round(s, 1), t, p] for s, p, t in durations[:10]],
       "per_module_s": {k: round(v, 1) for k, v in per_module.most_common()}}))
   return 0 if proc.returncode == 0 else 1
