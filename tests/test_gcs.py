@@ -277,8 +277,9 @@ def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, dem
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = "gs://test/runs/two_processes"
   flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
-  # Without the CPU tuning, as tests/test_pod_failures.py's two-process runs: the same
-  # program, compiled once in the session.
+  # Without the CPU tuning, as tests/test_pod_failures.py's two-process runs, whose settings
+  # that shape the step (narrow trunk, 32 examples, 2 x 2 devices) these share: the session's
+  # compilation cache can serve both.
   env = test_train._env(UNITSFACE_NO_XLA_FLAGS="1")  # pylint: disable=protected-access
   for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags, env=env):
     assert returncode == 0, stderr[-4000:]
