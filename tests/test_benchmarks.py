@@ -2,7 +2,7 @@
 
 Timing is not tested here (BENCHMARKS.md holds the measurements); what breaks silently when
 the package changes under the scripts is: a mesh axis renamed, a worker that no longer
-starts, a key missing from the result. A tiny iresnet18 run, one round each.
+starts, a key missing from the result. A tiny iresnet18 run (a quarter-width trunk for the train step), one round each.
 """
 
 import importlib.util
@@ -33,7 +33,7 @@ def _run(script: str, *args: str, compare_torch: bool = True) -> dict:
 
 @needs_torch
 def test_train_step_benchmark_reports_ratio_and_mfu():
-  result = _run("train_step.py", "--batch=2", "--classes=16", "--steps=2")
+  result = _run("train_step.py", "--batch=2", "--classes=16", "--steps=2", "--width=16")
   for key in ("jax_img_s", "torch_img_s", "ratio", "mfu", "matmul_ceiling_flop_s"):
     assert result[key] > 0, (key, result)
   assert result["steps_per_round"] == 2

@@ -46,6 +46,22 @@ def numpy_state(net):
   return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
 
+def loaded(name, state, width=64):
+  """The backbone ``name`` holding ``state`` (a PyTorch state dict), without a random
+  initialisation first: built abstractly (``nnx.eval_shape``), its RNG streams made concrete,
+  every weight and statistic then set by ``load_torch_state_dict``. Initialising eagerly
+  compiles each initialiser's shapes on its own (2-7 s a model), all of it overwritten here."""
+  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), width=width))
+
+  def concrete(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key(0)
+    return np.zeros(x.shape, x.dtype)
+
+  nnx.update(model, jax.tree.map(concrete, nnx.state(model, nnx.RngState)))
+  return export.load_torch_state_dict(model, state)
+
+
 # A backbone's forward pass as one compiled program: op by op (eager), every operation of a
 # MobileFaceNet is compiled on its own, for each batch size (16 s against 2 s).
 forward = nnx.jit(lambda model, x: model(x))
@@ -62,8 +78,7 @@ def images(n, seed=0):
 def test_parity_with_pytorch_twin_and_bitwise_round_trip(name, width):
   net = random_torch_net(name, width=width)
   state = numpy_state(net)
-  model = export.load_torch_state_dict(models.create(name, rngs=nnx.Rngs(0), width=width),
-                                       state)
+  model = loaded(name, state, width)
   model.eval()
   x = images(3)
   with torch.no_grad():
@@ -186,8 +201,7 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path, name, width)
   ort = pytest.importorskip("onnxruntime")
   from unitsface_jax.export.onnx_export import export_onnx
   net = random_torch_net(name, seed=2, width=width)
-  model = export.load_torch_state_dict(models.create(name, rngs=nnx.Rngs(0), width=width),
-                                       numpy_state(net))
+  model = loaded(name, numpy_state(net), width)
   model.eval()
   path = tmp_path / f"{name}.onnx"
   export_onnx(name, export.torch_state_dict(model), path)

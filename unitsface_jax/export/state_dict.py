@@ -82,7 +82,9 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *
   """Loads a PyTorch state dict (NumPy arrays or torch tensors) into ``model`` in place.
 
   Args:
-    model: a backbone from ``unitsface_jax.models.create`` of the matching architecture.
+    model: a backbone from ``unitsface_jax.models.create`` of the matching architecture;
+      an abstract one (``nnx.eval_shape``) gets concrete weights and statistics (its RNG
+      streams are not in a state dict, so they are left as they are).
     state_dict: e.g. ``torch.load('backbone.pth')`` from insightface. A ``module.`` prefix
       (DistributedDataParallel) is stripped; ``num_batches_tracked`` entries are ignored.
     ignore_prefixes: keys to skip, e.g. ``("sample_to_class_loss.", "sample_to_sample_loss.")``
@@ -113,11 +115,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *
   converted = {}
   for key, (var, to_torch, from_torch) in table.items():
     value = _to_numpy(given[key])
-    expected = to_torch(np.empty(var[...].shape, np.float32)).shape
+    expected = to_torch(np.empty(var.shape, np.float32)).shape
     if value.shape != expected:
       raise ValueError(f"shape mismatch for {key!r}: state dict has {value.shape}, "
                        f"{type(model).__name__} expects {expected}")
     converted[key] = from_torch(value)
   for key, (var, _, _) in table.items():  # assign only once everything checked out
-    var[...] = jnp.asarray(converted[key], jnp.float32)
+    var.set_value(jnp.asarray(converted[key], jnp.float32))
   return model
