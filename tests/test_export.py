@@ -47,19 +47,9 @@ def numpy_state(net):
 
 
 def loaded(name, state, width=64):
-  """The backbone ``name`` holding ``state`` (a PyTorch state dict), without a random
-  initialisation first: built abstractly (``nnx.eval_shape``), its RNG streams made concrete,
-  every weight and statistic then set by ``load_torch_state_dict``. Initialising eagerly
-  compiles each initialiser's shapes on its own (2-7 s a model), all of it overwritten here."""
-  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), width=width))
-
-  def concrete(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.key(0)
-    return np.zeros(x.shape, x.dtype)
-
-  nnx.update(model, jax.tree.map(concrete, nnx.state(model, nnx.RngState)))
-  return export.load_torch_state_dict(model, state)
+  """The backbone ``name`` holding ``state`` (a PyTorch state dict), loaded into an abstract
+  model (no random initialisation to overwrite)."""
+  return export.load_torch_state_dict(models.create_abstract(name, width=width), state)
 
 
 # A backbone's forward pass as one compiled program: op by op (eager), every operation of a

@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -76,7 +75,7 @@ def test_every_format_loads_the_same_backbone(exported, data_dir, tmp_path):
     params_io.save_params(tmp_path / "backbone.pth", source, "iresnet18")
     paths.append(tmp_path / "backbone.pth")
   for path in paths:
-    loaded = finetune.load_backbone(path, config, jax.random.key(1))
+    loaded = finetune.load_backbone(path, config)
     _assert_same_weights(_weights(loaded), want)
   # A BN statistic that training moved (not its initial value) came along.
   assert np.any(want["features.running_mean"] != 0.0)
@@ -106,7 +105,7 @@ def test_weights_that_do_not_fit_are_refused_naming_the_key(exported, tmp_path, 
     path = _npz(tmp_path / "w.npz", weights, "lresnet50_eir")
     needle = "holds a 'lresnet50_eir' backbone; config.model.name = 'iresnet18'"
   with pytest.raises(finetune.InitError) as error:
-    finetune.load_backbone(path, config, jax.random.key(0))
+    finetune.load_backbone(path, config)
   message = str(error.value)
   assert message.startswith(f"config.init.backbone = '{path}'") and needle in message
   assert "\n" not in message
@@ -120,8 +119,7 @@ def _head_only_setup(exported, name):
   mesh = parallel.make_mesh(1)
   tx = optim.make(config, 8)
   graphdef, rng_state, state = train.init_state(config, mesh, tx, jax.random.key(0))
-  backbone, model_state = finetune.backbone_arrays(config.init.backbone, config.model,
-                                                   jax.random.key(0))
+  backbone, model_state = finetune.backbone_arrays(config.init.backbone, config.model)
   state = state._replace(params={**state.params, "backbone": backbone}, model_state=model_state)
   source = sources.RecordIOSource(demo_data.demo_path())
   images = np.stack([pixels.decode_image(source[i]["image"]) for i in range(8)])

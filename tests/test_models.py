@@ -362,3 +362,21 @@ def test_target_platform_traces_the_tpu_formulation_on_a_cpu_host():
   with models.target_platform("tpu"):
     for_tpu = str(jax.make_jaxpr(lambda v: model(v))(x))
   assert grouped(on_cpu) == 0 and grouped(for_tpu) > 5, (grouped(on_cpu), grouped(for_tpu))
+
+
+@pytest.mark.parametrize("name", ["iresnet18", "mbf", "vit_t"])
+def test_an_abstract_backbone_filled_with_weights_runs_as_their_model(name):
+  """``create_abstract`` builds no weights (every weight and statistic is abstract, its RNG
+  streams are not); filled from a model's state dict it computes that model's embeddings."""
+  from unitsface_jax import export  # pylint: disable=g-import-not-at-top
+  model = models.create(name, rngs=nnx.Rngs(3), width=8, num_features=16)
+  abstract = models.create_abstract(name, width=8, num_features=16)
+  weights = nnx.state(abstract, nnx.Any(nnx.Param, models.MODEL_STATE))
+  assert len(models.unfilled(abstract)) == len(jax.tree.leaves(weights)) > 0
+  export.load_torch_state_dict(abstract, export.torch_state_dict(model))
+  assert models.unfilled(abstract) == []
+  model.eval()
+  abstract.eval()
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 112, 112, 3)), jnp.float32)
+  forward = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_array_equal(forward(abstract, x), forward(model, x))

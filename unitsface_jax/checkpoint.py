@@ -369,7 +369,7 @@ def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Mo
       try:
         with orbax_noise.reading():
           config = ml_collections.ConfigDict(ckpt.restore_config(candidate))
-          model = models.from_config(config.model, jax.random.key(0))
+          model = models.abstract_from_config(config.model)
           saved = ckpt.restore_arrays(candidate)
         step = candidate
         break
@@ -388,6 +388,11 @@ def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Mo
       key = prefix + tuple(str(p) for p in path) + ("value",)
       if key not in flat:
         raise ValueError(f"checkpoint {step} in {workdir} has no {'/'.join(key)}")
-      var[...] = jnp.asarray(flat[key])
+      if np.shape(flat[key]) != var.shape:
+        raise ValueError(f"checkpoint {step} in {workdir}: {'/'.join(key)} has shape "
+                         f"{np.shape(flat[key])}, its config's model {var.shape}")
+      var.set_value(jnp.asarray(flat[key], var.dtype))
+  if models.unfilled(model):
+    raise ValueError(f"checkpoint {step} in {workdir} does not set {models.unfilled(model)[:8]}")
   model.eval()
   return config.model.name, model

@@ -11,7 +11,6 @@ that do not match. The head is never read: it starts fresh for the new classes.
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 from etils import epath
 from flax import nnx
@@ -32,8 +31,7 @@ def read_state_dict(path) -> tuple[str | None, dict]:
   return params_io.read_params(path)
 
 
-def load_backbone(path, model_config: ml_collections.ConfigDict,
-                  key: jax.Array) -> nnx.Module:
+def load_backbone(path, model_config: ml_collections.ConfigDict) -> nnx.Module:
   """The backbone ``model_config`` describes, with the weights and BatchNorm statistics of
   ``path``. Raises InitError naming ``path`` and the keys or the architecture that differ."""
   where = f"config.init.backbone = {str(path)!r}"
@@ -41,7 +39,7 @@ def load_backbone(path, model_config: ml_collections.ConfigDict,
     stored, weights = read_state_dict(path)
   except (OSError, ValueError) as e:
     raise InitError(f"{where}: {e}") from e
-  model = models.from_config(model_config, key)
+  model = models.abstract_from_config(model_config)
   try:
     state_dict.load_torch_state_dict(model, weights,
                                      ignore_prefixes=params_io.OFFICIAL_HEAD_PREFIXES)
@@ -54,10 +52,10 @@ def load_backbone(path, model_config: ml_collections.ConfigDict,
   return model
 
 
-def backbone_arrays(path, model_config: ml_collections.ConfigDict,
-                    key: jax.Array) -> tuple[nnx.State, nnx.State]:
+def backbone_arrays(path, model_config: ml_collections.ConfigDict
+                    ) -> tuple[nnx.State, nnx.State]:
   """(parameters, model state) of :func:`load_backbone`, split as the train state holds
   them (``nnx.Param`` and ``models.MODEL_STATE``)."""
-  model = load_backbone(path, model_config, key)
+  model = load_backbone(path, model_config)
   _, params, model_state, _ = nnx.split(model, nnx.Param, models.MODEL_STATE, ...)
   return params, model_state

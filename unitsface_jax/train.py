@@ -488,8 +488,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   elif config.init.backbone:
     # Fine-tuning: the backbone's weights and BatchNorm statistics before step 0 (a resumed
     # run took them from its own checkpoint above); the head stays as initialised.
-    backbone, model_state = finetune.backbone_arrays(
-        config.init.backbone, config.model, jax.random.key(config.seed))
+    backbone, model_state = finetune.backbone_arrays(config.init.backbone, config.model)
     replicated = parallel.replicated(mesh)
     state = state._replace(params={**state.params,
                                    "backbone": jax.device_put(backbone, replicated)},

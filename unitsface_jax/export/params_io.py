@@ -174,7 +174,9 @@ def load_params(path, model_name: str | None = None, *, rngs: nnx.Rngs | None = 
     create_kwargs.setdefault("num_features", infer_num_features(state))
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
-  model = models.create(name, rngs=rngs or nnx.Rngs(0), **create_kwargs)
+  # Without rngs the weights need no random initialisation first (models.create_abstract).
+  model = (models.create_abstract(name, **create_kwargs) if rngs is None else
+           models.create(name, rngs=rngs, **create_kwargs))
   try:
     load_torch_state_dict(model, state, ignore_prefixes=OFFICIAL_HEAD_PREFIXES)
   except ValueError as e:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unitsface_jax import models
 from unitsface_jax.models.layers import BatchNorm, PReLU
 from unitsface_jax.models.vit import VisionTransformer
 
@@ -122,4 +123,7 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *
     converted[key] = from_torch(value)
   for key, (var, _, _) in table.items():  # assign only once everything checked out
     var.set_value(jnp.asarray(converted[key], jnp.float32))
+  left = models.unfilled(model)
+  if left:  # an abstract model (models.create_abstract) with variables no torch key sets
+    raise ValueError(f"{type(model).__name__} has variables no state dict key sets: {left[:8]}")
   return model

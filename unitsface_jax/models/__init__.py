@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unitsface_jax.models.iresnet import IResNet
@@ -94,6 +95,37 @@ def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
                          **kwargs)
 
 
+def create_abstract(name: str, **kwargs) -> nnx.Module:
+  """:func:`create`'s backbone without a random initialisation, for a weight loader to fill.
+
+  Its weights and statistics are ``jax.ShapeDtypeStruct`` until set (``Variable.set_value``,
+  as ``export.load_torch_state_dict`` and ``checkpoint.backbone_from_workdir`` do); its RNG
+  streams are concrete (key 0, count 0), so the filled model runs. Creating eagerly compiles
+  each initialiser's shapes on its own: seconds a model on a CPU, all of it overwritten by a
+  loader. :func:`unfilled` lists what a loader left abstract.
+
+  Args:
+    name: one of :func:`list_models`.
+    **kwargs: :func:`create`'s other arguments but ``rngs``.
+  """
+  model = nnx.eval_shape(lambda: create(name, rngs=nnx.Rngs(0), **kwargs))
+  nnx.update(model, jax.tree.map(_concrete_rng, nnx.state(model, nnx.RngState)))
+  return model
+
+
+def _concrete_rng(leaf: jax.ShapeDtypeStruct) -> jax.Array | np.ndarray:
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    key = jax.random.key(0)
+    return key if leaf.shape == () else jax.random.split(key, leaf.shape)
+  return np.zeros(leaf.shape, leaf.dtype)
+
+
+def unfilled(model: nnx.Module) -> list[str]:
+  """The paths of the model's variables that are still abstract (:func:`create_abstract`)."""
+  return ["/".join(str(p) for p in path) for path, var in nnx.to_flat_state(nnx.state(model))
+          if isinstance(var.get_raw_value(), jax.ShapeDtypeStruct)]
+
+
 REMAT_ERROR = "rematerialisation is implemented for the IR-ResNet trunks (iresnet*, lresnet*_eir),"
 
 
@@ -117,9 +149,23 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
   and dropout stream). A config without ``width`` (written before the field existed) means
   the published width, 64."""
   model = create(model_config.name, rngs=nnx.Rngs(params=key, dropout=key),
-                 dtype=model_config.dtype, dropout=model_config.dropout,
-                 num_features=model_config.num_features,
-                 width=model_config.get("width", 64))
+                 **_config_kwargs(model_config))
+  return _with_remat(model, model_config)
+
+
+def abstract_from_config(model_config: Any) -> nnx.Module:
+  """:func:`from_config`'s backbone without a random initialisation (:func:`create_abstract`),
+  for a loader to fill with saved weights."""
+  return _with_remat(create_abstract(model_config.name, **_config_kwargs(model_config)),
+                     model_config)
+
+
+def _config_kwargs(model_config: Any) -> dict[str, Any]:
+  return dict(dtype=model_config.dtype, dropout=model_config.dropout,
+              num_features=model_config.num_features, width=model_config.get("width", 64))
+
+
+def _with_remat(model: nnx.Module, model_config: Any) -> nnx.Module:
   if model_config.get("remat", False):
     if not isinstance(model, IRTrunk):
       raise ValueError(f"model.remat: {REMAT_ERROR} not {model_config.name!r}")
@@ -127,6 +173,7 @@ def from_config(model_config: Any, key: jax.Array) -> nnx.Module:
   return model
 
 
-__all__ = ["MODEL_STATE", "from_config", "BatchNorm", "Frozen", "IResNet", "LResNetEIR",
-           "MobileFaceNet", "PReLU", "VisionTransformer", "count_params", "create", "list_models",
-           "macs_per_image", "summary", "supports_remat", "target_platform", "width_error"]
+__all__ = ["MODEL_STATE", "from_config", "abstract_from_config", "BatchNorm", "Frozen",
+           "IResNet", "LResNetEIR", "MobileFaceNet", "PReLU", "VisionTransformer",
+           "count_params", "create", "create_abstract", "list_models", "macs_per_image",
+           "summary", "supports_remat", "target_platform", "unfilled", "width_error"]
