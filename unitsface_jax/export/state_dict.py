@@ -65,6 +65,12 @@ def _mapping(model: nnx.Module) -> dict[str, tuple[nnx.Variable, Callable, Calla
   return table
 
 
+def torch_keys(model: nnx.Module) -> list[str]:
+  """The PyTorch key names of the model's weights and statistics, in
+  :func:`torch_state_dict`'s order; an abstract model (``models.create_abstract``) will do."""
+  return list(_mapping(model))
+
+
 def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's weights and BN statistics under PyTorch key names and layouts (float32)."""
   # np.array copies: the results are writable, contiguous and independent of the model.
