@@ -114,3 +114,22 @@ def test_restore_matches_arrays_by_path_whatever_empty_containers(tmp_path):
   with_t = {"buffers": fresh["buffers"]._replace(s2c_stats={"t": jnp.float32(0.0)})}
   assert float(checkpoint.restore_state(ckpt, 2, with_t, mesh)["buffers"].s2c_stats["t"]) == 0.5
   ckpt.close()
+
+
+def test_a_backbone_whose_config_disagrees_with_its_arrays_is_refused(data_dir, tmp_path):
+  """The backbone of a run is rebuilt from its saved config and filled with its saved
+  arrays: an array of another shape than the config's model has (here a config edited to
+  16-d embeddings over arrays of 32) stops the read naming the array, not a model that mixes
+  the two."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(data_dir / "checkpoint_v0" / "checkpoints", tmp_path / "checkpoints")
+  metadata = tmp_path / "checkpoints" / "12" / "config" / "metadata"
+  config = json.loads(metadata.read_text())
+  name, model = checkpoint.backbone_from_workdir(tmp_path)
+  assert (name, model.features.bias.shape) == ("iresnet18", (32,))
+  config["model"]["num_features"] = 16
+  metadata.write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=(r"checkpoint 12 in .*: params/backbone/\S+ has shape "
+                                       r"\(32,\), its config's model \(16,\)")):
+    checkpoint.backbone_from_workdir(tmp_path)
