@@ -2,7 +2,8 @@
 
 Timing is not tested here (BENCHMARKS.md holds the measurements); what breaks silently when
 the package changes under the scripts is: a mesh axis renamed, a worker that no longer
-starts, a key missing from the result. A tiny iresnet18 run (a quarter-width trunk for the train step), one round each.
+starts, a key missing from the result. A tiny iresnet18 run (a quarter-width trunk for the
+train step), one round each.
 """
 
 import importlib.util

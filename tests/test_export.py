@@ -46,12 +46,6 @@ def numpy_state(net):
   return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
 
-def loaded(name, state, width=64):
-  """The backbone ``name`` holding ``state`` (a PyTorch state dict), loaded into an abstract
-  model (no random initialisation to overwrite)."""
-  return export.load_torch_state_dict(models.create_abstract(name, width=width), state)
-
-
 # A backbone's forward pass as one compiled program: op by op (eager), every operation of a
 # MobileFaceNet is compiled on its own, for each batch size (16 s against 2 s).
 forward = nnx.jit(lambda model, x: model(x))
@@ -68,7 +62,7 @@ def images(n, seed=0):
 def test_parity_with_pytorch_twin_and_bitwise_round_trip(name, width):
   net = random_torch_net(name, width=width)
   state = numpy_state(net)
-  model = loaded(name, state, width)
+  model = export.load_torch_state_dict(models.create_abstract(name, width=width), state)
   model.eval()
   x = images(3)
   with torch.no_grad():
@@ -191,7 +185,8 @@ def test_onnx_matches_flax_at_batch_1_and_7_from_one_file(tmp_path, name, width)
   ort = pytest.importorskip("onnxruntime")
   from unitsface_jax.export.onnx_export import export_onnx
   net = random_torch_net(name, seed=2, width=width)
-  model = loaded(name, numpy_state(net), width)
+  model = export.load_torch_state_dict(models.create_abstract(name, width=width),
+                                       numpy_state(net))
   model.eval()
   path = tmp_path / f"{name}.onnx"
   export_onnx(name, export.torch_state_dict(model), path)

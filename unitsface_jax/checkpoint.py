@@ -392,7 +392,8 @@ def backbone_from_workdir(workdir, step: int | None = None) -> tuple[str, nnx.Mo
         raise ValueError(f"checkpoint {step} in {workdir}: {'/'.join(key)} has shape "
                          f"{np.shape(flat[key])}, its config's model {var.shape}")
       var.set_value(jnp.asarray(flat[key], var.dtype))
-  if models.unfilled(model):
-    raise ValueError(f"checkpoint {step} in {workdir} does not set {models.unfilled(model)[:8]}")
+  left = models.unfilled(model)
+  if left:
+    raise ValueError(f"checkpoint {step} in {workdir} does not set {left[:8]}")
   model.eval()
   return config.model.name, model
