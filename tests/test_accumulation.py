@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import head
 from unitsface_jax import models
@@ -29,8 +30,9 @@ from unitsface_jax.data import demo as demo_data
 from unitsface_jax.data import pixels
 from unitsface_jax.data import sources
 
-# These tests compile and train the step (about 20 s together): collected first.
+# These tests compile and train the step: collected first.
 pytestmark = pytest.mark.slow
+tiny_backbone.register()
 
 K = 2  # micro-batches per update
 UPDATES = 3
@@ -41,8 +43,7 @@ DECAY = 0.1  # at epoch 1, i.e. from the third update on
 
 def _config():
   config = demo.get_config("smoke")
-  config.model.width = 4
-  config.model.num_features = 32
+  config.update_from_flattened_dict(tiny_backbone.CONFIG)  # BatchNorm, PReLU: the step's parts
   config.optimizer.grad_accum_steps = K
   config.optimizer.lr = LR
   config.schedule.decay_epochs = (1,)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+import tiny_backbone
 from unitsface_jax import storage
 from unitsface_jax.data import demo, pipeline, recordio, sources
 
@@ -276,10 +277,11 @@ def test_two_processes_train_from_one_gcs_recordio_into_one_gcs_workdir(gcs, dem
                                                                         free_port):
   import test_train  # pylint: disable=g-import-not-at-top
   workdir = "gs://test/runs/two_processes"
-  flags = [*TINY, f"--config.data.path={demo_on_gcs}", "--config.data.max_examples=32"]
+  flags = [*tiny_backbone.FLAGS, f"--config.data.path={demo_on_gcs}",
+           "--config.data.max_examples=32"]
   # Without the CPU tuning, as tests/test_pod_failures.py's two-process runs, whose settings
-  # that shape the step (narrow trunk, 32 examples, 2 x 2 devices) these share: the session's
-  # compilation cache can serve both.
+  # that shape the step (the tests' own backbone, 32 examples, 2 x 2 devices) these share:
+  # the session's compilation cache can serve both.
   env = test_train._env(UNITSFACE_NO_XLA_FLAGS="1")  # pylint: disable=protected-access
   for returncode, stderr in test_train.run_two_processes(workdir, free_port(), *flags, env=env):
     assert returncode == 0, stderr[-4000:]

@@ -8,6 +8,7 @@ from absl import flags
 import numpy as np
 import pytest
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import checkpoint
 from unitsface_jax import config_checks
@@ -19,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
+tiny_backbone.register()
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ def test_a_loss_added_as_one_file_trains_the_smoke_recipe(toy_loss, tmp_path):
   config = demo.get_config("smoke")
   config.loss.s2c = "toy_normface"
   config.update_from_flattened_dict({
-      "model.width": 4, "model.num_features": 32, "data.max_examples": 16, "num_epochs": 2,
+      **tiny_backbone.CONFIG, "data.max_examples": 16, "num_epochs": 2,
       "checkpoint_every_steps": 4, "compilation_cache": False})
   config_checks.validate(config)
   last = train.train_and_evaluate(config, tmp_path)

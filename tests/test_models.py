@@ -383,3 +383,14 @@ def test_an_abstract_backbone_filled_with_weights_runs_as_their_model():
   x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 112, 112, 3)), jnp.float32)
   forward = nnx.jit(lambda m, x: m(x))
   np.testing.assert_array_equal(forward(abstract, x), forward(model, x))
+
+
+def test_a_registered_backbone_is_created_by_name_and_a_taken_name_is_refused():
+  import tiny_backbone  # pylint: disable=g-import-not-at-top
+  tiny_backbone.register()
+  assert tiny_backbone.NAME in models.list_models()
+  model = models.create(tiny_backbone.NAME, rngs=nnx.Rngs(0), num_features=8, width=2)
+  assert isinstance(model, tiny_backbone.TinyBackbone) and model.fc.out_features == 8
+  with pytest.raises(ValueError, match="'iresnet18' is already registered"):
+    models.register("iresnet18", tiny_backbone.TinyBackbone)
+  models.register(tiny_backbone.NAME, tiny_backbone.TinyBackbone)  # the same again: kept

@@ -16,14 +16,18 @@ import jax.numpy as jnp
 import pytest
 
 import command_lines
+import tiny_backbone
 from test_launch import launch_local
 from test_train import ROOT, RUN, SMOKE, _env, metrics, ok, run, run_two_processes, steps
 from unitsface_jax import run_control
 from unitsface_jax.data import demo as demo_data
 
-# 8 steps of batch 8 (4 an epoch), checkpoints at 4, 6, 8; a trunk of width 4.
-TINY = ["--config.model.width=4", "--config.model.num_features=32",
-        "--config.data.max_examples=32", "--config.checkpoint_every_steps=2"]
+tiny_backbone.register()  # export and evaluate read the tiny runs' workdirs in this process
+
+# 8 steps of batch 8 (4 an epoch), checkpoints at 4, 6, 8; the tests' own backbone
+# (tests/tiny_backbone.py, which tests/train_run.py registers).
+TINY = [*tiny_backbone.FLAGS, "--config.data.max_examples=32",
+        "--config.checkpoint_every_steps=2"]
 
 
 def test_step_queue_lets_at_most_one_pushed_step_run():
@@ -183,7 +187,9 @@ def test_a_lost_peer_stops_the_other_process_and_both_resume(tmp_path, free_port
   one line naming the cause, instead of hanging until a heartbeat timeout aborts it. The same
   run started again by launch/local_multiprocess.sh (two real processes) resumes from 4."""
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
-  flags = [*TINY, "--config.checkpoint_every_steps=4"]
+  # The smoke trunk (narrow): launch_local starts ``python -m unitsface_jax.main``, which
+  # knows the package's backbones only.
+  flags = [*TINY, "--config.model.name=iresnet18", "--config.checkpoint_every_steps=4"]
   kill = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGKILL"]
   workdir = tmp_path / "run"
   (code0, err0), (code1, _) = run_two_processes(workdir, free_port(), *flags, env=env,

@@ -1,7 +1,7 @@
 """The production settings, trained: each short run checks what the setting changes.
 
-Runs are in process (but the 2-device one) on the tiny trunk (IResNet-18 at width 4, 32-d
-embeddings) over the first 16 demo images (2 identities): batch 8, 2 steps an epoch, 4 steps
+Runs are in process (but the 2-device one) on the tests' own backbone (tests/tiny_backbone.py:
+a convolution, BatchNorm, dropout, 32-d embeddings) over the first 16 demo images (2 identities): batch 8, 2 steps an epoch, 4 steps
 (CosFace alone in epoch 0, + USS in epoch 1), checkpoints every 2 steps, dropout 0.4 as in the
 default recipe. Runs of one configuration compile the same programs, which the session's
 compilation cache (tests/conftest.py) then loads: a cached executable is the same program, so
@@ -24,6 +24,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
+import tiny_backbone
 from configs import demo as demo_config
 from unitsface_jax import checkpoint, head, optim, parallel, pytrees, train
 from unitsface_jax.data import DataError, demo, pixels, prepare, sources
@@ -36,9 +37,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
+tiny_backbone.register()
 
 # Overrides of configs/demo.py:smoke, shared by the in-process runs and the child process.
-TINY = {"model.width": 4, "model.num_features": 32, "model.dropout": 0.4,
+TINY = {**tiny_backbone.CONFIG, "model.dropout": 0.4,
         "data.max_examples": 16, "data.num_workers": 0, "data.read_threads": 2,
         "num_epochs": 2, "checkpoint_every_steps": 2, "compilation_cache": False}
 STEPS_PER_EPOCH = 2
@@ -220,14 +222,14 @@ def test_per_device_batch_norm_statistics_on_two_devices(tmp_path):
   images = model_input(batches(config, 1)[0])
   slices = [_batch_stats(graphdef, rng_state, initial, images[i:i + 4]) for i in (0, 4)]
   whole = _batch_stats(graphdef, rng_state, initial, images)
-  assert got.keys() == whole.keys() and len(got) == 62  # mean and var of 31 BatchNorms
+  assert got.keys() == whole.keys() and len(got) == 4  # mean and var of its 2 BatchNorms
   for path in got:
     np.testing.assert_allclose(got[path], (slices[0][path] + slices[1][path]) / 2, rtol=1e-4,
                                atol=1e-5, err_msg=str(path))
   # The embedding BatchNorm normalises 4 samples a device: its variance differs from the
-  # global batch's by far more than the tolerance above.
+  # global batch's by far more than the tolerance above (~1e-4 of variances near 0.9).
   var = ("features", "var")
-  assert np.mean(np.abs(got[var] - whole[var])) > 2e-3, (got[var], whole[var])
+  assert np.mean(np.abs(got[var] - whole[var])) > 5e-4, (got[var], whole[var])
 
 
 def _head_w_and_momentum(state):

@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+import tiny_backbone
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "train_run.py"
 SMOKE = "--config=configs/demo.py:smoke"
@@ -266,11 +268,12 @@ def run_two_processes(workdir, port, *flags, env, process_flags=((), ()), timeou
 
 
 def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_port):
-  # 8 steps of batch 4 (one image a device), USS from step 5. The two runs agree to 1e-5 only
-  # if they reduce in the same order: both use jax.distributed's gloo collectives, XLA's
-  # default convolutions, full width.
-  flags = ["--config.data.max_examples=16", "--config.batch_size=4",
-           "--config.checkpoint_every_steps=4", "--config.model.width=64",
+  # 8 steps of batch 4 (one image a device), USS from step 5, on the tests' own backbone. The
+  # two runs agree to 1e-5 only if they reduce in the same order: both use jax.distributed's
+  # gloo collectives and XLA's default convolutions, at width 64 (at width 4 XLA's CPU
+  # convolution sums depend on how many devices share a process: 4e-5 apart by step 8).
+  flags = [*tiny_backbone.FLAGS, "--config.model.width=64", "--config.data.max_examples=16",
+           "--config.batch_size=4", "--config.checkpoint_every_steps=4",
            "--config.log_every_steps=2"]
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
   one = tmp_path / "one"
@@ -310,7 +313,9 @@ def test_free_port_is_held_for_the_coordinator_alone(free_port):
 def test_resume_where_the_class_padding_changes(tmp_path):
   """40 classes pad to 42 rows on 3 devices and stay 40 on 4: W, M, seen and W's momentum
   are re-padded on restore, and the rows of real classes carry over unchanged."""
-  flags = ["--config.batch_size=12"]  # 64 images -> 5 steps per epoch
+  # 64 images -> 5 steps per epoch; the tests' own backbone (tests/tiny_backbone.py): what
+  # moves is the head.
+  flags = [*tiny_backbone.FLAGS, "--config.batch_size=12"]
   ok(run(3, tmp_path, *flags, "--config.num_epochs=1"))
   before = saved_state(tmp_path, 5)
   assert before["/params/head/w"].shape == (42, 32)

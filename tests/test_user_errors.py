@@ -9,12 +9,15 @@ import sys
 
 import pytest
 
+import tiny_backbone
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-# configs/demo.py:smoke, small: the mistakes show before the first step or within a few.
-TINY = ("--config=configs/demo.py:smoke", "--config.model.width=4",
-        "--config.model.num_features=32", "--config.data.max_examples=16",
-        "--config.num_epochs=1", "--config.compilation_cache=False")
+# configs/demo.py:smoke, small, on the tests' own backbone (tests/tiny_backbone.py, which
+# tests/train_run.py registers): the mistakes show before the first step or within a few.
+TINY = ("--config=configs/demo.py:smoke", *tiny_backbone.FLAGS,
+        "--config.data.max_examples=16", "--config.num_epochs=1",
+        "--config.compilation_cache=False")
 
 pytestmark = pytest.mark.slow  # each starts the training command line
 

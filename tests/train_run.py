@@ -2,7 +2,9 @@
 
 ``python tests/train_run.py DEVICES [main.py flags...]``: sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES`` before JAX starts (which the test
-process cannot do for itself once JAX is up), then runs ``unitsface_jax.main``.
+process cannot do for itself once JAX is up), registers the tests' own backbone
+(``tests/tiny_backbone.py``: ``--config.model.name=tiny_test``), then runs
+``unitsface_jax.main``.
 """
 
 import os
@@ -15,4 +17,6 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from unitsface_jax import main  # pylint: disable=g-import-not-at-top
+  import tiny_backbone  # pylint: disable=g-import-not-at-top  # beside this file
+  tiny_backbone.register()
   main.run([sys.argv[0]] + sys.argv[2:])

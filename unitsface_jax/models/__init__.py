@@ -66,6 +66,25 @@ def list_models() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def register(name: str, factory: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
+  """Adds the backbone ``factory`` under ``name`` (``config.model.name``) and returns it.
+
+  ``factory(*, dtype, num_features, width, rngs, dropout=...)`` builds an NNX module with
+  :func:`create`'s contract: NHWC images in [-1, 1], [N, 112, 112, 3] -> [N, num_features]
+  float32 embeddings; BatchNorm statistics as ``nnx.BatchStat``; ``dropout`` optional (a
+  family's default when the config gives none). Raises ValueError if ``name`` is taken.
+  """
+  if _REGISTRY.get(name, factory) is not factory:
+    raise ValueError(f"a backbone named {name!r} is already registered")
+  _REGISTRY[name] = factory
+  return factory
+
+
+def unregister(name: str) -> None:
+  """Removes a backbone added with :func:`register` (a test's own)."""
+  del _REGISTRY[name]
+
+
 def create(name: str, *, rngs: nnx.Rngs, dtype: str | jnp.dtype = "float32",
            dropout: float | None = None, num_features: int = 512,
            width: int = 64) -> nnx.Module:
