@@ -133,7 +133,7 @@ def test_an_arrayrecord_set_on_gcs_reads_as_on_disk(gcs, tmp_path):
 
 # The smoke run (16 steps of batch 8 on 64 demo images, checkpoints every 4) with a narrow
 # trunk: what these tests check is the storage, not the model.
-TINY = ["--config.model.width=4", "--config.model.num_features=32"]
+TINY = list(tiny_backbone.FLAGS)  # tests/test_train.py's runs: the tests' own backbone
 
 
 def _fresh() -> None:
@@ -204,11 +204,6 @@ def _train_env():
   return test_train._env()  # pylint: disable=protected-access
 
 
-def _python(*args, timeout=600):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=_train_env(),
-                        capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_a_second_run_on_a_gcs_workdir_is_refused_and_the_first_finishes_as_if_alone(
     gcs, tiny_reference):
@@ -244,12 +239,16 @@ def test_a_second_run_on_a_gcs_workdir_is_refused_and_the_first_finishes_as_if_a
 
 
 @pytest.mark.slow
-def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path):
+def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path, capsys):
+  """The export and evaluation command lines' mains, in this process (tests/command_lines.py),
+  where the tests' backbone is registered."""
+  import command_lines  # pylint: disable=g-import-not-at-top
   import test_train  # pylint: disable=g-import-not-at-top
+  tiny_backbone.register()
   workdir = gs_run[0]
   out = "gs://test/exports/final.npz"
-  test_train.ok(_python("-m", "unitsface_jax.export", f"--workdir={workdir}", "--format=npz",
-                        f"--out={out}"))
+  assert not command_lines.run_main("unitsface_jax.export.__main__", f"--workdir={workdir}",
+                                    "--format=npz", f"--out={out}")
   _fresh()
   weights = np.load(io.BytesIO(epath.Path(out).read_bytes()))
   state = test_train.saved_state(workdir, 16)
@@ -260,10 +259,11 @@ def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path):
   reports = "gs://test/reports"
   results = {}
   for source in (f"--workdir={workdir}", f"--params={out}"):
-    proc = test_train.ok(_python("-m", "unitsface_jax.evaluate", "--protocol=verification",
-                                 source, f"--data={bin_url}", f"--out={reports}",
-                                 "--batch_size=64"))
-    assert "orl_val" in proc.stdout
+    capsys.readouterr()
+    assert not command_lines.run_main("unitsface_jax.evaluate", "--protocol=verification",
+                                      source, f"--data={bin_url}", f"--out={reports}",
+                                      "--batch_size=64")
+    assert "orl_val" in capsys.readouterr().out
     _fresh()
     results[source] = json.loads((epath.Path(reports) / "verification.json").read_text())
   assert (epath.Path(reports) / "verification_roc.png").read_bytes()[:4] == b"\x89PNG"

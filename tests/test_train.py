@@ -26,10 +26,12 @@ import tiny_backbone
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "train_run.py"
 SMOKE = "--config=configs/demo.py:smoke"
-# The smoke recipe's trunk narrowed to width 4 with a 32-d embedding: what these tests check
-# does not depend on the width, and tests/test_gcs.py, test_pod_failures.py and
-# test_user_errors.py train the same program (one compile in the session's cache).
-NARROW = ("--config.model.width=4", "--config.model.num_features=32")
+# The smoke recipe on the tests' own backbone (tests/tiny_backbone.py, registered by
+# tests/train_run.py) with a 32-d embedding: what these tests check (logs, checkpoints,
+# resume, devices, hosts) does not depend on the trunk, and tests/test_gcs.py,
+# test_pod_failures.py and test_user_errors.py train the same program (one compile in the
+# session's cache).
+NARROW = tiny_backbone.FLAGS
 
 # Trainings, most in child processes: seconds to minutes each (tests/conftest.py starts them
 # first).
@@ -329,20 +331,24 @@ def test_resume_where_the_class_padding_changes(tmp_path):
   assert np.all(after["/head_buffers/seen"][before["/head_buffers/seen"][:40]])
 
 
-def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path):
+def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path, capsys):
+  """``unitsface_jax.evaluate``'s main, in this process (tests/command_lines.py), where the
+  tests' backbone is registered."""
+  import command_lines
   from unitsface_jax.data import demo
-  proc = subprocess.run([sys.executable, "-m", "unitsface_jax.evaluate",
-                         "--protocol=verification", f"--workdir={reference}",
-                         f"--data={demo.demo_bin_path()}", f"--out={tmp_path}",
-                         "--batch_size=64"], cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=600)
-  ok(proc)
+  tiny_backbone.register()
+  capsys.readouterr()
+  status = command_lines.run_main(
+      "unitsface_jax.evaluate", "--protocol=verification", f"--workdir={reference}",
+      f"--data={demo.demo_bin_path()}", f"--out={tmp_path}", "--batch_size=64")
+  out = capsys.readouterr().out
+  assert not status
   result = json.loads((tmp_path / "verification.json").read_text())["orl_val"]
   # What the run logged for its step 16 (the same batch size: config.eval.batch_size).
   logged = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
   during = {m["step"]: m["eval/orl_val/accuracy"] for m in logged
             if "eval/orl_val/accuracy" in m}
-  assert result["accuracy"] == during[16] and "orl_val" in proc.stdout
+  assert result["accuracy"] == during[16] and "orl_val" in out
 
 
 def test_data_fingerprint_depends_on_pixels_labels_order_and_mirroring():
