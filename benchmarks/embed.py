@@ -32,6 +32,8 @@ from unitsface_jax import cpu_tuning  # noqa: E402
 _MODEL = flags.DEFINE_string("model", "iresnet50", "Backbone.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch (the network sees twice as many).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
+_WIDTH = flags.DEFINE_integer("width", 64, "Backbone width, models.create's (64: the "
+                              "published models).")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "Timed rounds (median reported).")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time PyTorch.")
 _JAX = flags.DEFINE_multi_string(
@@ -56,7 +58,7 @@ def calibrated_model():
   import jax.numpy as jnp
   from flax import nnx
   from unitsface_jax import models
-  model = models.create(_MODEL.value, rngs=nnx.Rngs(0), dtype=_DTYPE.value)
+  model = models.create(_MODEL.value, rngs=nnx.Rngs(0), dtype=_DTYPE.value, width=_WIDTH.value)
   for _, module in nnx.iter_modules(model):
     if isinstance(module, models.BatchNorm):
       module.momentum = 1.0
@@ -108,7 +110,7 @@ def build_torch():
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cudnn.benchmark = True  # as in benchmarks/train_step.py
   from unitsface_jax import export
-  net = torch_modules.get_model(_MODEL.value)
+  net = torch_modules.get_model(_MODEL.value, width=_WIDTH.value)
   net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
                        export.torch_state_dict(calibrated_model()).items()})
   net = net.to(device).to(memory_format=torch.channels_last)
@@ -142,11 +144,12 @@ def main(argv):
       cpu_tuning.enable()
     alternate.serve(build_jax if _WORKER.value == "jax" else build_torch)
     return
-  result = {"model": _MODEL.value, "batch": _BATCH.value, "dtype": _DTYPE.value, "flip": True}
+  result = {"model": _MODEL.value, "width": _WIDTH.value, "batch": _BATCH.value,
+            "dtype": _DTYPE.value, "flip": True}
   result.update(alternate.compare(
       os.path.abspath(__file__),
-      [f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--dtype={_DTYPE.value}",
-       f"--cpu_tuning={_CPU_TUNING.value}"],
+      [f"--model={_MODEL.value}", f"--width={_WIDTH.value}", f"--batch={_BATCH.value}",
+       f"--dtype={_DTYPE.value}", f"--cpu_tuning={_CPU_TUNING.value}"],
       _JAX.value, _COMPARE_TORCH.value, _ROUNDS.value, _BATCH.value, "batch"))
   print(json.dumps(result))
 

@@ -32,7 +32,6 @@ from unitsface_jax.data import sources
 
 # These tests compile and train the step: collected first.
 pytestmark = pytest.mark.slow
-tiny_backbone.register()
 
 K = 2  # micro-batches per update
 UPDATES = 3

@@ -3,7 +3,7 @@
 Timing is not tested here (BENCHMARKS.md holds the measurements); what breaks silently when
 the package changes under the scripts is: a mesh axis renamed, a worker that no longer
 starts, a key missing from the result. A tiny iresnet18 run (a quarter-width trunk for the
-train step), one round each.
+train step and the extraction), one round each.
 """
 
 import importlib.util
@@ -50,10 +50,10 @@ def test_train_step_benchmark_reports_ratio_and_mfu():
 
 @needs_torch
 def test_embed_benchmark_reports_ratio_and_mfu():
-  result = _run("embed.py", "--batch=2")
+  result = _run("embed.py", "--batch=2", "--width=16")
   for key in ("jax_img_s", "torch_img_s", "ratio", "mfu"):
     assert result[key] > 0, (key, result)
-  assert result["flip"] is True
+  assert result["flip"] is True and result["width"] == 16
 
 
 def test_strided_gradients_benchmark_compiles_two_different_steps():

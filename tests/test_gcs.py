@@ -244,7 +244,6 @@ def test_export_and_evaluate_read_and_write_gcs(gs_run, tmp_path, capsys):
   where the tests' backbone is registered."""
   import command_lines  # pylint: disable=g-import-not-at-top
   import test_train  # pylint: disable=g-import-not-at-top
-  tiny_backbone.register()
   workdir = gs_run[0]
   out = "gs://test/exports/final.npz"
   assert not command_lines.run_main("unitsface_jax.export.__main__", f"--workdir={workdir}",

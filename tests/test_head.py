@@ -25,11 +25,11 @@ TESTS_DIR = pathlib.Path(__file__).resolve().parent
 MULTIDEVICE = TESTS_DIR / "multidevice"
 SCENARIOS = MULTIDEVICE / "head_scenarios.py"
 
-# tests/multidevice/test_head_sharded.py: 5 head configurations x 4 device counts x (loss
-# terms, gradients, memory write, padding), 3 USS configurations x 4 (threshold b), s2s BCE
-# x 4 (class biases), the compiled-program check, PartialFC (scenario, 3 keys x 3 checks,
+# tests/multidevice/test_head_sharded.py: 5 head configurations x 3 device counts x (loss
+# terms, gradients, memory write, padding), 3 USS configurations x 3 (threshold b), s2s BCE
+# x 3 (class biases), the compiled-program check, PartialFC (scenario, 3 keys x 3 checks,
 # different keys).
-SHARDED_TESTS = 5 * 4 * 4 + 3 * 4 + 4 + 1 + 1 + 3 * 3 + 1
+SHARDED_TESTS = 5 * 3 * 4 + 3 * 3 + 3 + 1 + 1 + 3 * 3 + 1
 # tests/multidevice/test_head_losses.py: 8 loss configurations x (losses and gradients,
 # statistics) on 8 devices, PartialFC per configuration, 3 stateful losses resumed.
 LOSS_TESTS = 8 * 2 + 8 + 3

@@ -20,7 +20,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
-tiny_backbone.register()
 
 
 @pytest.fixture

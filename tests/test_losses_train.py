@@ -27,7 +27,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
-tiny_backbone.register()
 
 # configs/demo.py:smoke shrunk to 4 steps (2 epochs of 2): the loss alone, then + USS, on
 # the tests' own backbone (tests/tiny_backbone.py: what is trained here is the head, and it

@@ -22,8 +22,6 @@ from test_train import ROOT, RUN, SMOKE, _env, metrics, ok, run, run_two_process
 from unitsface_jax import run_control
 from unitsface_jax.data import demo as demo_data
 
-tiny_backbone.register()  # export and evaluate read the tiny runs' workdirs in this process
-
 # 8 steps of batch 8 (4 an epoch), checkpoints at 4, 6, 8; the tests' own backbone
 # (tests/tiny_backbone.py, which tests/train_run.py registers).
 TINY = [*tiny_backbone.FLAGS, "--config.data.max_examples=32",

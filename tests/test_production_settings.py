@@ -37,7 +37,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if not flags.FLAGS.is_parsed():  # grain's mp_prefetch reads absl flags
   flags.FLAGS(sys.argv[:1])
-tiny_backbone.register()
 
 # Overrides of configs/demo.py:smoke, shared by the in-process runs and the child process.
 TINY = {**tiny_backbone.CONFIG, "model.dropout": 0.4,

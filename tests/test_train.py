@@ -336,7 +336,6 @@ def test_evaluate_cli_reads_the_latest_checkpoint(reference, tmp_path, capsys):
   tests' backbone is registered."""
   import command_lines
   from unitsface_jax.data import demo
-  tiny_backbone.register()
   capsys.readouterr()
   status = command_lines.run_main(
       "unitsface_jax.evaluate", "--protocol=verification", f"--workdir={reference}",

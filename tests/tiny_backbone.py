@@ -5,8 +5,9 @@ BatchNorm of the embedding, on 112x112 faces.
 For the tests whose subject is not the backbone (a loss, the head's settings, the loop's
 bookkeeping): it has the parts a trunk gives the train step (convolution, batch statistics,
 dropout, float32 embeddings from ``dtype`` activations) and compiles in a fraction of a second,
-where the smoke recipe's IResNet-18 takes seconds for every new program. ``tests/train_run.py``
-registers it in its child processes; ``register()`` does in this one.
+where the smoke recipe's IResNet-18 takes seconds for every new program. ``tests/conftest.py``
+registers it for the test session (after collection), ``tests/train_run.py`` in its child
+processes.
 """
 
 import jax

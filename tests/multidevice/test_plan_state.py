@@ -5,11 +5,14 @@ shardings, leaf for leaf. Run by tests/test_plan.py on 8 simulated devices."""
 import jax
 import pytest
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import optim, parallel, train
 
 
 def _variants():
+  """The smoke recipe's trunk with SGD; the optimiser and head variants on the tests' own
+  backbone (tests/tiny_backbone.py: one initialiser to compile instead of the trunk's)."""
   sgd = demo.get_config("smoke")
   adamw = demo.get_config("smoke")
   adamw.optimizer.name = "adamw"
@@ -17,6 +20,8 @@ def _variants():
   adamw.loss.head_dtype = "bfloat16"
   bce = demo.get_config("smoke,normbce")
   bce.loss.sample_rate = 0.5
+  for config in (adamw, bce):
+    config.update_from_flattened_dict(tiny_backbone.CONFIG)
   return {"sgd": sgd, "adamw_accumulated_bf16_head": adamw, "normalized_bce_partial_fc": bce}
 
 

@@ -3,7 +3,7 @@
 Needs 8 simulated devices (``conftest.py`` here); ``tests/test_checkpoint.py`` runs this file
 in its own process.
 
-Scenario: the tiny-trunk smoke model on C = 10 of the demo's identities, so the class-sharded
+Scenario: the smoke recipe on the tests' own backbone (tests/tiny_backbone.py) and C = 10 of the demo's identities, so the class-sharded
 arrays (W, M, seen, the class biases and their momentum) have 12 rows on 4 and 3 devices, 10
 on 2 and 16 on 8: the restores keep, cut and pad them. Three steps of batch 24 on 4 devices
 (two epochs of two steps: CosFace, then CosFace + USS, which initialises b), with classes 8
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import checkpoint
 from unitsface_jax import optim
@@ -52,8 +53,7 @@ on_each_restoring_count = pytest.mark.parametrize("n", RESTORING, ids=lambda n: 
 
 def _config():
   config = demo.get_config("smoke")
-  config.model.width = 4
-  config.model.num_features = 32
+  config.update_from_flattened_dict(tiny_backbone.CONFIG)
   config.data.num_classes = C
   config.batch_size = BATCH
   return config
@@ -213,7 +213,8 @@ def test_next_steps_equal_the_uninterrupted_run(runs, n):
       np.testing.assert_allclose(a[key], b[key], rtol=5e-4, err_msg=f"next step {t} {key}")
   compared = [name for name in want_state
               if name.startswith((".params", ".model_state", ".head_buffers.memory"))]
-  assert ".params['head'].w" in compared and len(compared) > 100
+  assert {".params['head'].w", ".head_buffers.memory",
+          ".params['backbone']['conv1']['kernel'].value"} <= set(compared), compared
   # The backbone's parameters share one scale (its largest weight): a BatchNorm bias is a
   # sum of many gradient terms of both signs, and its small entries carry the whole net's
   # rounding (as test_step_reference.py scales all backbone tensors together).
