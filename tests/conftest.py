@@ -137,14 +137,13 @@ def one_cpu_device(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_backbone_registered():
-  """The tests' own backbone (tests/tiny_backbone.py) registered while the tests run (not
+  """The tests' own backbones (tests/tiny_backbone.py) registered while the tests run (not
   while they are collected: parametrisations over ``models.list_models()`` are the package's
   backbones); tests/train_run.py registers it in its child processes."""
   import tiny_backbone  # pylint: disable=g-import-not-at-top
   tiny_backbone.register()
   yield
-  from unitsface_jax import models  # pylint: disable=g-import-not-at-top
-  models.unregister(tiny_backbone.NAME)
+  tiny_backbone.unregister()
 
 
 @pytest.fixture

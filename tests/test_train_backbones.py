@@ -1,6 +1,7 @@
-"""The demo's smoke run with MobileFaceNet and a ViT: trains and reports held-out accuracy.
+"""The demo's smoke run with MobileFaceNet and a ViT: trains and reports held-out accuracy;
+the ViT's noise in the train step; rematerialisation.
 
-Each is a child process (``tests/train_run.py``, one device) of the first epoch of
+Each smoke run is a child process (``tests/train_run.py``, one device) of the first epoch of
 ``configs/demo.py:smoke`` (8 steps of CosFace alone) with ``--config.model.name`` switched,
 width 4 and 32-d embeddings (the tests' tiny models) and an evaluation of the held-out demo
 pairs after the last step.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import optim, parallel, train
 
@@ -25,7 +27,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["mbf", "vit_t"])
+# The package's MobileFaceNet with one block a stage and its ViT with 2 blocks
+# (tests/tiny_backbone.py): mbf's 13 blocks and vit_t's 12 take several times as long to
+# compile, and the blocks of a stage are one module repeated.
+@pytest.mark.parametrize("name", [tiny_backbone.MBF_NAME, tiny_backbone.VIT_NAME])
 def test_demo_smoke_trains_and_reports_held_out_accuracy(name, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   env.pop("XLA_FLAGS", None)
@@ -74,10 +79,11 @@ def _losses_at(name: str, steps) -> list[float]:
 
 
 def test_vit_draws_new_token_masks_and_drop_paths_every_step():
-  """vit_t masks 10 % of its tokens and drops paths while training (its dropout is 0): each
-  step reseeds that stream from (seed, step), so the same weights and batch give another loss
-  at the next step, and the same loss at the same step."""
-  at_0, at_1, again_0 = _losses_at("vit_t", (0, 1, 0))
+  """vit_t's layers (2 blocks: tests/tiny_backbone.py) mask 10 % of the tokens and drop paths
+  while training (its dropout is 0): each step reseeds that stream from (seed, step), so the
+  same weights and batch give another loss at the next step, and the same loss at the same
+  step."""
+  at_0, at_1, again_0 = _losses_at(tiny_backbone.VIT_NAME, (0, 1, 0))
   assert at_0 == again_0
   assert at_0 != at_1
 

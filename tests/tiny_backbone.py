@@ -1,14 +1,20 @@
-"""A backbone of the tests' own, registered with ``models.register``: one strided 3x3
-convolution, BatchNorm, PReLU, a 4x4 average pool, dropout, a linear layer and the frozen-scale
-BatchNorm of the embedding, on 112x112 faces.
+"""Backbones of the tests' own, registered with ``models.register``.
 
-For the tests whose subject is not the backbone (a loss, the head's settings, the loop's
-bookkeeping): it has the parts a trunk gives the train step (convolution, batch statistics,
-dropout, float32 embeddings from ``dtype`` activations) and compiles in a fraction of a second,
-where the smoke recipe's IResNet-18 takes seconds for every new program. ``tests/conftest.py``
-registers it for the test session (after collection), ``tests/train_run.py`` in its child
-processes.
+``tiny_test``: one strided 3x3 convolution, BatchNorm, PReLU, a 4x4 average pool, dropout, a
+linear layer and the frozen-scale BatchNorm of the embedding, on 112x112 faces. For the tests
+whose subject is not the backbone (a loss, the head's settings, the loop's bookkeeping): it
+has the parts a trunk gives the train step (convolution, batch statistics, dropout, float32
+embeddings from ``dtype`` activations) and compiles in a fraction of a second, where the
+smoke recipe's IResNet-18 takes seconds for every new program.
+
+``vit_test`` and ``mbf_test``: the package's ViT with 2 blocks and MobileFaceNet with one
+block a stage (below).
+
+``tests/conftest.py`` registers them for the test session (after collection),
+``tests/train_run.py`` in its child processes.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +22,17 @@ from flax import nnx
 
 from unitsface_jax import models
 from unitsface_jax.models.layers import BatchNorm, PReLU, conv
+from unitsface_jax.models.mobilefacenet import MobileFaceNet
+from unitsface_jax.models.vit import VisionTransformer
 
 NAME = "tiny_test"
+# vit_t (embedding 256 x width / 64, 8 heads, drop path 0.1, 10 % of the tokens masked) with 2
+# blocks instead of 12: the package's ViT, its noise streams and its layers, in a sixth of
+# vit_t's compile time.
+VIT_NAME = "vit_test"
+# mbf (channel scale 2) with one block a stage instead of (1, 4, 6, 2): the package's
+# MobileFaceNet and its layers in a fraction of mbf's compile time.
+MBF_NAME = "mbf_test"
 # Overrides of configs/demo.py:smoke that train it (a flag per entry for a child process).
 CONFIG = {"model.name": NAME, "model.width": 4, "model.num_features": 32}
 FLAGS = tuple(f"--config.{key}={value}" for key, value in CONFIG.items())
@@ -44,7 +59,20 @@ class TinyBackbone(nnx.Module):
     return self.features(self.fc(self.dropout(x)))
 
 
+_FACTORIES = {
+    NAME: TinyBackbone,
+    VIT_NAME: functools.partial(VisionTransformer, 256, 2, 8, drop_path=0.1, mask_ratio=0.1),
+    MBF_NAME: functools.partial(MobileFaceNet, (1, 1, 1, 1), 2),
+}
+
+
 def register() -> None:
-  """Registers the backbone as ``NAME`` (once a process)."""
-  if NAME not in models.list_models():
-    models.register(NAME, TinyBackbone)
+  """Registers the backbones under their names (once a process)."""
+  for name, factory in _FACTORIES.items():
+    if name not in models.list_models():
+      models.register(name, factory)
+
+
+def unregister() -> None:
+  for name in _FACTORIES:
+    models.unregister(name)
