@@ -54,12 +54,31 @@ def free_port():
 
 
 # Tests marked slow (child-process trainings, benchmarks, multi-device runs) are collected
-# first, so that `pytest -n 2` starts them on both workers at once and the many short tests
-# fill in around them, instead of the long ones running last on one worker; and a worker that
-# runs out of tests takes the other's queued ones (`--dist worksteal`, pyproject.toml), so
-# neither waits idle at the end.
+# first, the longest of them (LONGEST, measured: BENCHMARKS.md, "The test suite") first of
+# all, so that `pytest -n 2` starts them early and the many short tests fill in around them,
+# instead of a long one running last on one worker; and a worker that runs out of tests
+# takes the other's queued ones from the end of its queue (`--dist worksteal`,
+# pyproject.toml), so neither waits idle at the end. A name here that no longer exists only
+# loses its place.
+LONGEST = (
+    "test_head.py::test_sharded_head_and_every_s2c_loss_pass_on_8_devices",
+    "test_plan.py::test_the_demo_step_compiles_for_a_v5e_slice",
+    "test_pod_failures.py::test_a_lost_peer_stops_the_other_process_and_both_resume",
+    "test_finetune.py::test_finetuning_raises_held_out_accuracy",
+    "test_train.py::test_two_processes_preempted_and_resumed_match_one_process",
+    "test_benchmarks.py::test_train_step_benchmark_reports_ratio_and_mfu",
+    "test_benchmarks.py::test_strided_gradients_benchmark_compiles_two_different_steps",
+    "test_finetune.py::test_resumed_finetuning_restores_its_own_checkpoint",
+)
+
+
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  def order(item):
+    name = f"{item.path.name}::{item.name}"
+    return (item.get_closest_marker("slow") is None,
+            LONGEST.index(name) if name in LONGEST else len(LONGEST))
+
+  items.sort(key=order)
 
 
 # The same examples on every run and machine: a failure is reproduced by running the test
