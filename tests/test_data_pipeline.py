@@ -152,7 +152,8 @@ def test_hosts_get_equal_batch_counts_when_uneven():
   assert counts == [2 * pipeline.steps_per_epoch(n, batch, hosts)] * hosts == [16] * 3
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# Two workers: grain starts two processes (slow, as every test that starts one).
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["grain_iterator", "pipeline_iterator"])
 def test_resume_mid_epoch_reproduces_following_batches(orl, workers, kind):
   """State saved after batch k restores to batches k+1... of an uninterrupted run, with grain's
@@ -172,6 +173,7 @@ def test_resume_mid_epoch_reproduces_following_batches(orl, workers, kind):
   _assert_same_batches(_take(restored, 25), expected)
 
 
+@pytest.mark.slow  # two grain worker processes
 def test_resume_through_orbax_checkpoint_manager(orl, tmp_path):
   """PipelineIterator as an orbax item (grain.checkpoint): saved with 2 workers, restored
   without workers, it continues with the uninterrupted run's batches."""

@@ -85,13 +85,15 @@ def test_cli_verification_and_ijb_from_features(data_dir, tmp_path, capsys):
 
 
 def test_cli_params_path_runs_a_real_backbone(data_dir, tmp_path, capsys):
-  """--params: the backbone stored in a weight file embeds the .bin images end to end."""
+  """--params: the backbone stored in a weight file embeds the .bin images end to end (the
+  tests' own backbone, tests/tiny_backbone.py: the file names it and carries its width)."""
+  import tiny_backbone  # pylint: disable=g-import-not-at-top
   from unitsface_jax import export, models
   from unitsface_jax.evaluation import extract
 
-  model = models.create("iresnet18", rngs=nnx.Rngs(3), width=16)  # the file carries the width
+  model = models.create(tiny_backbone.NAME, rngs=nnx.Rngs(3), width=16)
   weights = tmp_path / "w.npz"
-  export.save_params(weights, model, "iresnet18")
+  export.save_params(weights, model, tiny_backbone.NAME)
   bin_path = data_dir / "eval" / "lfw_fold1_py2str_20pairs.bin"
   out = tmp_path / "out"
   assert _evaluate("--protocol=verification", f"--data={bin_path}", f"--params={weights}",

@@ -147,7 +147,10 @@ def test_bfloat16_activations_keep_float32_params_and_output():
 
 
 def test_gradients_reach_params_but_not_frozen_scale():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0), width=8)
+  # The layers' property (``Frozen`` is not an ``nnx.Param``), on the tests' own backbone
+  # (tests/tiny_backbone.py: a convolution, BatchNorm, the frozen-scale embedding BatchNorm);
+  # test_frozen_embedding_scale_is_state_not_param checks that the package's backbones use it.
+  model = models.create(tiny_backbone.NAME, rngs=nnx.Rngs(0), width=8)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(params, rest, x):
