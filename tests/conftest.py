@@ -63,12 +63,17 @@ def free_port():
 LONGEST = (
     "test_head.py::test_sharded_head_and_every_s2c_loss_pass_on_8_devices",
     "test_plan.py::test_the_demo_step_compiles_for_a_v5e_slice",
-    "test_pod_failures.py::test_a_lost_peer_stops_the_other_process_and_both_resume",
     "test_finetune.py::test_finetuning_raises_held_out_accuracy",
+    "test_train_backbones.py::test_demo_smoke_trains_and_reports_held_out_accuracy[mbf_test]",
+    "test_benchmarks.py::test_embed_benchmark_reports_ratio_and_mfu",
+    "test_pod_failures.py::test_a_lost_peer_stops_the_other_process_and_both_resume",
     "test_train.py::test_two_processes_preempted_and_resumed_match_one_process",
     "test_benchmarks.py::test_train_step_benchmark_reports_ratio_and_mfu",
     "test_benchmarks.py::test_strided_gradients_benchmark_compiles_two_different_steps",
     "test_finetune.py::test_resumed_finetuning_restores_its_own_checkpoint",
+    "test_train_backbones.py::test_remat_gives_the_same_step",
+    "test_finetune.py::test_head_only_steps_train_the_head_alone",
+    "test_pod_failures.py::test_a_hung_peer_ends_the_other_process_within_the_step_timeout",
 )
 
 

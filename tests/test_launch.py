@@ -95,11 +95,14 @@ def _processes_with(text: str) -> list[int]:
   return found
 
 
-def launch_local(logs, workdir, *flags, devices=1, timeout, env=None):
+def launch_local(logs, workdir, *flags, devices=1, timeout, env=None, tiny=False):
   """``local_multiprocess.sh 2 DEVICES`` on the tiny smoke run, logs in ``logs``. Returns
   (status, stderr, the processes still running with ``workdir`` in their command line when
-  it returned); those are then killed, so no test leaves a training behind."""
-  env = dict(env or os.environ, PYTHONPATH=str(ROOT), LOG_DIR=str(logs),
+  it returned); those are then killed, so no test leaves a training behind. ``tiny``: the
+  processes know the tests' backbones (tests/launch_site/sitecustomize.py), for flags that
+  name one."""
+  path = f"{ROOT / 'tests' / 'launch_site'}{os.pathsep}{ROOT}" if tiny else str(ROOT)
+  env = dict(env or os.environ, PYTHONPATH=path, LOG_DIR=str(logs),
              UNITSFACE_NO_XLA_FLAGS="1")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(

@@ -185,9 +185,7 @@ def test_a_lost_peer_stops_the_other_process_and_both_resume(tmp_path, free_port
   one line naming the cause, instead of hanging until a heartbeat timeout aborts it. The same
   run started again by launch/local_multiprocess.sh (two real processes) resumes from 4."""
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
-  # The smoke trunk (narrow): launch_local starts ``python -m unitsface_jax.main``, which
-  # knows the package's backbones only.
-  flags = [*TINY, "--config.model.name=iresnet18", "--config.checkpoint_every_steps=4"]
+  flags = [*TINY, "--config.checkpoint_every_steps=4"]
   kill = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGKILL"]
   workdir = tmp_path / "run"
   (code0, err0), (code1, _) = run_two_processes(workdir, free_port(), *flags, env=env,
@@ -198,7 +196,8 @@ def test_a_lost_peer_stops_the_other_process_and_both_resume(tmp_path, free_port
   assert len(lines) == 1 and lines[0].startswith(
       "error: lost a peer process of this multi-process run ("), err0[-3000:]
   assert "Traceback" not in err0 and steps(workdir) == [4]
-  code, err, left = launch_local(tmp_path, workdir, *flags, devices=2, env=env, timeout=300)
+  code, err, left = launch_local(tmp_path, workdir, *flags, devices=2, env=env, timeout=300,
+                                 tiny=True)
   logs = [(tmp_path / f"unitsface_proc{i}.log").read_text() for i in range(2)]
   assert code == 0 and not left, (err, [log[-3000:] for log in logs])
   for log in logs:
