@@ -63,7 +63,9 @@ def calibrated_model():
     if isinstance(module, models.BatchNorm):
       module.momentum = 1.0
   model.train()
-  model(jnp.asarray(_images(_BATCH.value), jnp.float32) / 127.5 - 1.0)
+  # One compiled program (nnx.jit writes the statistics back), not op by op: eagerly, each
+  # of the trunk's operations would compile on its own.
+  nnx.jit(lambda m, x: m(x))(model, jnp.asarray(_images(_BATCH.value), jnp.float32) / 127.5 - 1.0)
   model.eval()
   return model
 

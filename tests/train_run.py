@@ -7,10 +7,12 @@ process cannot do for itself once JAX is up), registers the tests' own backbone
 ``unitsface_jax.main``.
 """
 
+import gc
 import os
 import sys
 
 if __name__ == "__main__":
+  gc.set_threshold(50_000, 20, 100)  # as tests/conftest.py's GC_THRESHOLDS, for the same reason
   devices = sys.argv[1]
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={devices}")
