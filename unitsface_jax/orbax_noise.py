@@ -12,8 +12,10 @@ caller reports itself. Warnings that are not about those reads pass as before.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging as py_logging
 import sys
+import warnings
 
 _MARK = "_unitsface_orbax_noise"
 
@@ -62,9 +64,19 @@ def _keep_absl_verbose(record: py_logging.LogRecord) -> bool:
   return record.levelno >= py_logging.WARNING or not _from_orbax(record)
 
 
+# Reads that failed in this process (``reading``): from then on asyncio's "... exception was
+# never retrieved" records are their echoes (orbax is the package's only user of asyncio).
+_failed_reads = 0
+
+
 def _keep_asyncio(record: py_logging.LogRecord) -> bool:
-  """asyncio reports the abandoned reads as "Task exception was never retrieved"."""
+  """asyncio reports the abandoned reads as "Task exception was never retrieved" (raised in
+  orbax) or, for TensorStore's futures, "Future exception was never retrieved" (raised in
+  C++, with no orbax frame to tell them by)."""
   error = record.exc_info[1] if record.exc_info else None
+  first_line = str(record.msg).split("\n", 1)[0]  # asyncio adds "future: <...>" lines
+  if _failed_reads and first_line.endswith("exception was never retrieved"):
+    return False
   return not _raised_in_orbax(error)
 
 
@@ -89,7 +101,13 @@ def install(*, verbose: bool = False) -> None:
 @contextlib.contextmanager
 def reading():
   """Within: none of orbax's log lines (a failed read logs tracebacks per array); the caller
-  reports the failure in one line."""
+  reports the failure in one line.
+
+  A failed read leaves the reads still in flight as abandoned coroutines: they are collected
+  here, before the caller reports the failure, so that their echoes (handled by ``install``)
+  and Python's "coroutine ... was never awaited" warnings come now, where they are dropped,
+  and not whenever the garbage collector next runs, which can be at interpreter exit, after
+  the command line's one-line error and past the hooks."""
   logger = py_logging.getLogger("absl")
 
   def drop(record):
@@ -98,5 +116,13 @@ def reading():
   logger.addFilter(drop)
   try:
     yield
+  except BaseException:
+    global _failed_reads
+    _failed_reads += 1
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                              category=RuntimeWarning)
+      gc.collect()
+    raise
   finally:
     logger.removeFilter(drop)
