@@ -131,9 +131,10 @@ def test_an_arrayrecord_set_on_gcs_reads_as_on_disk(gcs, tmp_path):
 # Training, export and evaluation with data and workdir in the bucket (child processes).
 # ------------------------------------------------------------------------------------------
 
-# The smoke run (16 steps of batch 8 on 64 demo images, checkpoints every 4) with a narrow
-# trunk: what these tests check is the storage, not the model.
-TINY = list(tiny_backbone.FLAGS)  # tests/test_train.py's runs: the tests' own backbone
+# The smoke run (16 steps of batch 8 on 64 demo images, checkpoints every 4) on the tests' own
+# backbone, as tests/test_train.py's runs (for the commands started here directly): what these
+# tests check is the storage, not the model.
+TINY = list(tiny_backbone.FLAGS)
 
 
 def _fresh() -> None:

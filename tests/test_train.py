@@ -26,12 +26,12 @@ import tiny_backbone
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "tests" / "train_run.py"
 SMOKE = "--config=configs/demo.py:smoke"
-# The smoke recipe on the tests' own backbone (tests/tiny_backbone.py, registered by
-# tests/train_run.py) with a 32-d embedding: what these tests check (logs, checkpoints,
-# resume, devices, hosts) does not depend on the trunk, and tests/test_gcs.py,
+# Every run here trains the smoke recipe on the tests' own backbone (tests/tiny_backbone.py,
+# registered by tests/train_run.py) with a 32-d embedding: what these tests check (logs,
+# checkpoints, resume, devices, hosts) does not depend on the trunk, and tests/test_gcs.py,
 # test_pod_failures.py and test_user_errors.py train the same program (one compile in the
 # session's cache).
-NARROW = tiny_backbone.FLAGS
+BACKBONE = tiny_backbone.FLAGS
 
 # Trainings, most in child processes: seconds to minutes each (tests/conftest.py starts them
 # first).
@@ -48,7 +48,7 @@ def _env(**extra):
 
 
 def start(devices, workdir, *flags, env=None):
-  return subprocess.Popen([sys.executable, str(RUN), str(devices), SMOKE, *NARROW,
+  return subprocess.Popen([sys.executable, str(RUN), str(devices), SMOKE, *BACKBONE,
                            f"--workdir={workdir}", *flags], cwd=ROOT, env=env or _env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -242,7 +242,7 @@ def run_two_processes(workdir, port, *flags, env, process_flags=((), ()), timeou
   # the next collective.
   logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
   procs = [subprocess.Popen(
-      [sys.executable, str(RUN), "2", SMOKE, *NARROW, f"--workdir={workdir}", *flags,
+      [sys.executable, str(RUN), "2", SMOKE, *BACKBONE, f"--workdir={workdir}", *flags,
        *process_flags[i],
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[i], text=True)
@@ -274,7 +274,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path, free_po
   # two runs agree to 1e-5 only if they reduce in the same order: both use jax.distributed's
   # gloo collectives and XLA's default convolutions, at width 64 (at width 4 XLA's CPU
   # convolution sums depend on how many devices share a process: 4e-5 apart by step 8).
-  flags = [*tiny_backbone.FLAGS, "--config.model.width=64", "--config.data.max_examples=16",
+  flags = ["--config.model.width=64", "--config.data.max_examples=16",
            "--config.batch_size=4", "--config.checkpoint_every_steps=4",
            "--config.log_every_steps=2"]
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
@@ -315,9 +315,7 @@ def test_free_port_is_held_for_the_coordinator_alone(free_port):
 def test_resume_where_the_class_padding_changes(tmp_path):
   """40 classes pad to 42 rows on 3 devices and stay 40 on 4: W, M, seen and W's momentum
   are re-padded on restore, and the rows of real classes carry over unchanged."""
-  # 64 images -> 5 steps per epoch; the tests' own backbone (tests/tiny_backbone.py): what
-  # moves is the head.
-  flags = [*tiny_backbone.FLAGS, "--config.batch_size=12"]
+  flags = ["--config.batch_size=12"]  # 64 images -> 5 steps per epoch
   ok(run(3, tmp_path, *flags, "--config.num_epochs=1"))
   before = saved_state(tmp_path, 5)
   assert before["/params/head/w"].shape == (42, 32)

@@ -4,8 +4,9 @@
 linear layer and the frozen-scale BatchNorm of the embedding, on 112x112 faces. For the tests
 whose subject is not the backbone (a loss, the head's settings, the loop's bookkeeping): it
 has the parts a trunk gives the train step (convolution, batch statistics, dropout, float32
-embeddings from ``dtype`` activations) and compiles in a fraction of a second, where the
-smoke recipe's IResNet-18 takes seconds for every new program.
+embeddings from ``dtype`` activations) and compiles fast: a cold one-device smoke run took
+2.5 s longer than a warm one (7.8 against 5.3 s), the narrow IResNet-18's 8.7 s (16.7 against
+8.0 s).
 
 ``vit_test`` and ``mbf_test``: the package's ViT with 2 blocks and MobileFaceNet with one
 block a stage (below).

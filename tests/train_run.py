@@ -2,9 +2,9 @@
 
 ``python tests/train_run.py DEVICES [main.py flags...]``: sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES`` before JAX starts (which the test
-process cannot do for itself once JAX is up), registers the tests' own backbone
-(``tests/tiny_backbone.py``: ``--config.model.name=tiny_test``), then runs
-``unitsface_jax.main``.
+process cannot do for itself once JAX is up), registers the tests' own backbones
+(``tests/tiny_backbone.py``: ``--config.model.name=tiny_test``, ``vit_test``, ``mbf_test``),
+then runs ``unitsface_jax.main``.
 """
 
 import gc
