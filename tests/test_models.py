@@ -353,6 +353,38 @@ def test_new_backbones_width():
     models.create("vit_t", rngs=nnx.Rngs(0), width=3)
 
 
+# (kernel, stride, padding, input size, input channels, output channels, groups): the 3x3
+# depthwise convolutions of MobileFaceNet at strides 1 and 2, its 2-channel groups, and the
+# whole-window case (GDC: a 7x7 depthwise over a 7x7 input; with a padded input; with groups
+# of 2 in and 4 out).
+GROUPED_CASES = [(3, 1, 1, 9, 6, 6, 6), (3, 2, 1, 9, 6, 6, 6), (3, 1, 1, 8, 8, 8, 4),
+                 (7, 1, 0, 7, 6, 6, 6), (3, 1, 1, 1, 4, 4, 4), (5, 2, 0, 5, 4, 8, 2)]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
+def test_grouped_convolutions_as_taps_equal_the_convolution(case):
+  """On the CPU backend grouped convolutions are sums of taps (the whole-window ones one
+  product summed over the window): the forward result and both gradients of
+  ``conv_general_dilated``'s, to float32 rounding."""
+  k, s, p, size, cin, cout, groups = case
+  conv = layers.Conv(cin, cout, kernel_size=(k, k), strides=(s, s), padding=((p, p), (p, p)),
+                     feature_group_count=groups, use_bias=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, size, size, cin))
+  graphdef, state = nnx.split(conv)
+
+  def loss(state, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+
+  def both(taps):
+    with layers.grouped_conv_as_taps(taps):
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
+
+  (got, got_grads), (want, want_grads) = both(True), both(False)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+
+
 def test_target_platform_traces_the_tpu_formulation_on_a_cpu_host():
   """MobileFaceNet's depthwise convolutions are sums of taps on the CPU backend only; traced
   for a TPU (the plan compiles TPU programs on a CPU host) they are grouped convolutions."""
