@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import tiny_backbone
 from configs import demo
 from unitsface_jax import plan
 
@@ -120,17 +121,22 @@ def test_bad_input_is_one_line_on_the_command_line():
 
 
 # The cheapest configuration that still has the backbone (bf16 activations), the class-sharded
-# head with USS and SGD, and whose FLOPs are the convolutions': the demo recipe (IResNet-18,
-# batch 32, 8 per chip). A quarter-width trunk or 2 images per chip is 10-20% above the
-# analytic count (the element-wise work and the optimiser's update, which it leaves out).
-DEMO_ARGS = ("--config=configs/demo.py", "--config.model.dtype=bfloat16", "--topology=v5e:2x2")
+# head with USS and SGD, and whose FLOPs are the convolutions': the demo recipe (batch 32, 8
+# per chip) with an IResNet of one block a stage (tests/tiny_backbone.py: the IR trunk's every
+# layer; its XLA:TPU compile took 58 s of CPU time against IResNet-18's 87 s, AMD EPYC). A
+# quarter-width trunk or 2 images per chip is 10-20% above the analytic count (the
+# element-wise work and the optimiser's update, which it leaves out).
+DEMO_ARGS = ("--config=configs/demo.py", "--config.model.dtype=bfloat16",
+             f"--config.model.name={tiny_backbone.IRESNET_NAME}", "--topology=v5e:2x2")
 
 
 @pytest.mark.slow
 def test_the_demo_step_compiles_for_a_v5e_slice(tmp_path):
-  """The one XLA:TPU compile of the suite (BENCHMARKS.md, "TPU plan": its time)."""
+  """The one XLA:TPU compile of the suite (BENCHMARKS.md, "TPU plan": its time), of the
+  demo recipe with an IResNet of one block a stage (tests/plan_run.py)."""
   hlo = tmp_path / "step.hlo"
-  proc = _command("-m", "unitsface_jax.plan", *DEMO_ARGS, "--json", f"--dump_hlo={hlo}")
+  proc = _command(str(ROOT / "tests" / "plan_run.py"), *DEMO_ARGS, "--json",
+                  f"--dump_hlo={hlo}")
   assert proc.returncode == 0, proc.stderr
   assert not any(noise in proc.stderr for noise in LIBTPU_NOISE), proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -153,7 +159,9 @@ def test_the_demo_step_compiles_for_a_v5e_slice(tmp_path):
   # layer stays float32 by design, as insightface's fp16 mode keeps it (models/iresnet.py).
   text = hlo.read_text()
   convolutions = plan.hlo_dtypes_of(text, "convolution", "conv_general_dilated")
-  assert convolutions.get("bf16", 0) >= 40 and set(convolutions) == {"bf16"}, convolutions
+  # 13 convolutions forward (the stem; two and a downsample in each of the 4 blocks), their
+  # kernel gradients and 12 input gradients: 38 with this libtpu.
+  assert convolutions.get("bf16", 0) >= 26 and set(convolutions) == {"bf16"}, convolutions
   head = plan.hlo_dtypes_of(text, "convolution", "shard_map/dot_general")
   assert head and set(head) == {"f32"}, head
 

@@ -400,6 +400,7 @@ def test_the_initialiser_compiled_at_o1_gives_the_default_compiles_parameters():
   from unitsface_jax import parallel
   from unitsface_jax import train
   config = demo.get_config("smoke,adaface")
+  config.model.name = tiny_backbone.IRESNET_NAME  # the IR trunk's layers, one block a stage
   config.model.width = 4
   mesh = parallel.mesh_from_config(config)
   tx = optim.make(config, 2)

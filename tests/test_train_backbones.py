@@ -95,6 +95,7 @@ def test_remat_gives_the_same_step():
   results = {}
   for remat in (False, True):
     config = demo.get_config("smoke")
+    config.model.name = tiny_backbone.IRESNET_NAME  # one IR block a stage
     config.model.width = 4
     config.model.num_features = 32
     config.model.remat = remat

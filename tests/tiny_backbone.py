@@ -8,8 +8,8 @@ embeddings from ``dtype`` activations) and compiles fast: a cold one-device smok
 2.5 s longer than a warm one (7.8 against 5.3 s), the narrow IResNet-18's 8.7 s (16.7 against
 8.0 s).
 
-``vit_test`` and ``mbf_test``: the package's ViT with 2 blocks and MobileFaceNet with one
-block a stage (below).
+``vit_test``, ``mbf_test`` and ``iresnet_test``: the package's ViT with 2 blocks,
+MobileFaceNet with one block a stage and IResNet with one block a stage (below).
 
 ``tests/conftest.py`` registers them for the test session (after collection),
 ``tests/train_run.py`` in its child processes.
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitsface_jax import models
+from unitsface_jax.models.iresnet import IResNet
 from unitsface_jax.models.layers import BatchNorm, PReLU, conv
 from unitsface_jax.models.mobilefacenet import MobileFaceNet
 from unitsface_jax.models.vit import VisionTransformer
@@ -34,6 +35,11 @@ VIT_NAME = "vit_test"
 # mbf (channel scale 2) with one block a stage instead of (1, 4, 6, 2): the package's
 # MobileFaceNet and its layers in a fraction of mbf's compile time.
 MBF_NAME = "mbf_test"
+# IResNet with one block a stage instead of iresnet18's two: every layer of the IR trunk (the
+# stem, a strided block with its downsample in each stage, remat's unit) in half the compile
+# time; where the trunk is the subject but not its depth (remat, the initialiser at -O1, the
+# XLA:TPU compile of the plan).
+IRESNET_NAME = "iresnet_test"
 # Overrides of configs/demo.py:smoke that train it (a flag per entry for a child process).
 CONFIG = {"model.name": NAME, "model.width": 4, "model.num_features": 32}
 FLAGS = tuple(f"--config.{key}={value}" for key, value in CONFIG.items())
@@ -64,6 +70,7 @@ _FACTORIES = {
     NAME: TinyBackbone,
     VIT_NAME: functools.partial(VisionTransformer, 256, 2, 8, drop_path=0.1, mask_ratio=0.1),
     MBF_NAME: functools.partial(MobileFaceNet, (1, 1, 1, 1), 2),
+    IRESNET_NAME: functools.partial(IResNet, (1, 1, 1, 1)),
 }
 
 
