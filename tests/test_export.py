@@ -3,6 +3,7 @@
 import shutil
 
 import command_lines
+import numpy_weights
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -117,7 +118,7 @@ def test_architecture_inferred_from_keys(name):
 
 
 def test_load_errors_name_the_keys():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0))
+  model = numpy_weights.filled("iresnet18")
   state = export.torch_state_dict(model)
   broken = dict(state)
   del broken["layer2.1.conv1.weight"]
@@ -149,7 +150,7 @@ def test_official_checkpoint_with_loss_modules_and_torch_tensors_loads(tmp_path)
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth"])
 def test_weight_files_round_trip(tmp_path, suffix):
   # A narrow trunk: the width is not stored, it is read back from conv1.weight.
-  model = models.create("iresnet18", rngs=nnx.Rngs(4), width=16)
+  model = numpy_weights.filled("iresnet18", seed=4, width=16)
   path = tmp_path / f"w{suffix}"
   export.save_params(path, model, "iresnet18")
   name, loaded = export.load_params(path)
@@ -161,7 +162,7 @@ def test_weight_files_round_trip(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth"])
 @pytest.mark.parametrize("name", ["mbf", "vit_t"])
 def test_new_backbones_weight_files_round_trip(tmp_path, suffix, name):
-  model = models.create(name, rngs=nnx.Rngs(4), width=16)
+  model = numpy_weights.filled(name, seed=4, width=16)
   path = tmp_path / f"w{suffix}"
   export.save_params(path, model, name)
   # A .pth holds no name; a narrow ViT's keys match no published one, so it is named here.
@@ -174,8 +175,7 @@ def test_new_backbones_weight_files_round_trip(tmp_path, suffix, name):
 
 def test_unknown_weight_format_is_refused(tmp_path):
   with pytest.raises(ValueError, match="w.bin.*unknown weight format"):
-    export.save_params(tmp_path / "w.bin", models.create("iresnet18", rngs=nnx.Rngs(0)),
-                       "iresnet18")
+    export.save_params(tmp_path / "w.bin", numpy_weights.filled("iresnet18"), "iresnet18")
 
 
 # Narrow trunks (a width the exporter does not assume; the parity tests above cover full width)

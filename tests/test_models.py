@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import numpy_weights
 import tiny_backbone
 from unitsface_jax import cpu_tuning, models
 from unitsface_jax.models import BatchNorm, Frozen, layers, mobilefacenet, vit
@@ -116,8 +117,8 @@ def test_batchnorm_matches_pytorch_training_update():
 
 
 def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0), width=16)
-  x = jax.random.uniform(jax.random.key(1), (4, 112, 112, 3), minval=-1, maxval=1)
+  model = numpy_weights.filled("iresnet18", width=16)
+  x = np.random.default_rng(1).uniform(-1, 1, (4, 112, 112, 3)).astype(np.float32)
   forward = nnx.jit(lambda m, x: m(x))  # one compiled program per mode, not op by op
   model.eval()
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
@@ -133,12 +134,12 @@ def test_train_and_eval_modes_differ_and_only_train_updates_statistics():
 
 
 def test_bfloat16_activations_keep_float32_params_and_output():
-  model = models.create("iresnet18", rngs=nnx.Rngs(0), dtype="bfloat16", width=16)
+  model = numpy_weights.filled("iresnet18", dtype="bfloat16", width=16)
   model.eval()
-  model32 = models.create("iresnet18", rngs=nnx.Rngs(0), width=16)
+  model32 = numpy_weights.filled("iresnet18", width=16)  # the same weights
   model32.eval()
   assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
-  x = jax.random.uniform(jax.random.key(2), (2, 112, 112, 3), minval=-1, maxval=1)
+  x = np.random.default_rng(2).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)
   forward = nnx.jit(lambda m, x: m(x))
   y16, y32 = forward(model, x), forward(model32, x)
   assert y16.dtype == jnp.float32
@@ -291,8 +292,8 @@ def test_vit_mlp_is_relu6():
 # layers, a fraction of the programs to compile.
 @pytest.mark.parametrize("name", [tiny_backbone.MBF_NAME, tiny_backbone.VIT_NAME])
 def test_new_backbones_train_eval_modes_and_noise_stream(name):
-  model = models.create(name, rngs=nnx.Rngs(params=0, dropout=1), width=8)
-  x = jax.random.uniform(jax.random.key(1), (4, 112, 112, 3), minval=-1, maxval=1)
+  model = models.create(name, rngs=nnx.Rngs(params=0, dropout=1), width=8)  # its own streams
+  x = np.random.default_rng(1).uniform(-1, 1, (4, 112, 112, 3)).astype(np.float32)
   forward = nnx.jit(lambda m, x: m(x))
   model.eval()
   y_eval = forward(model, x)
@@ -330,11 +331,11 @@ def test_vit_token_masking_keeps_a_random_subset_and_refills_the_rest():
 
 
 def test_vit_bfloat16_close_to_float32():
-  x = jax.random.uniform(jax.random.key(2), (2, 112, 112, 3), minval=-1, maxval=1)
+  x = np.random.default_rng(2).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)
   forward = nnx.jit(lambda m, x: m(x))
   outs = []
   for dtype in ("bfloat16", "float32"):
-    model = models.create("vit_t", rngs=nnx.Rngs(0), dtype=dtype, width=8)
+    model = numpy_weights.filled("vit_t", dtype=dtype, width=8)  # the same weights
     model.eval()
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
         np.dtype(np.float32)}
@@ -367,9 +368,11 @@ def test_grouped_convolutions_as_taps_equal_the_convolution(case):
   product summed over the window): the forward result and both gradients of
   ``conv_general_dilated``'s, to float32 rounding."""
   k, s, p, size, cin, cout, groups = case
+  rng = np.random.default_rng(0)  # NumPy's draws: no initialiser to compile for each shape
   conv = layers.Conv(cin, cout, kernel_size=(k, k), strides=(s, s), padding=((p, p), (p, p)),
-                     feature_group_count=groups, use_bias=False, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (2, size, size, cin))
+                     feature_group_count=groups, use_bias=False, rngs=nnx.Rngs(0),
+                     kernel_init=lambda _, shape, dtype: rng.normal(size=shape).astype(dtype))
+  x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
   graphdef, state = nnx.split(conv)
 
   def loss(state, x):
@@ -388,7 +391,7 @@ def test_grouped_convolutions_as_taps_equal_the_convolution(case):
 def test_target_platform_traces_the_tpu_formulation_on_a_cpu_host():
   """MobileFaceNet's depthwise convolutions are sums of taps on the CPU backend only; traced
   for a TPU (the plan compiles TPU programs on a CPU host) they are grouped convolutions."""
-  model = models.create("mbf", rngs=nnx.Rngs(0), width=8, num_features=16)
+  model = numpy_weights.filled("mbf", width=8, num_features=16)
   model.eval()
   x = jnp.zeros((1, 112, 112, 3), jnp.float32)
 
