@@ -67,8 +67,10 @@ def _probe(*entry_points, enable=None, **env_changes):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# The training command line with the user's flags; without any, every module and main are
+# imported by test_enable_after_importing_everything_tunes_jax (XLA_FLAGS still unset after
+# the imports).
 @pytest.mark.parametrize("entry_point,user_flags", [
-    ("unitsface_jax.main", None),
     ("unitsface_jax.main", "--xla_force_host_platform_device_count=2"),
     ("unitsface_jax.evaluate", None),
     ("unitsface_jax.export.__main__", None),
