@@ -8,11 +8,14 @@ train step and the extraction), one round each.
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+import tiny_backbone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -23,11 +26,12 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
 pytestmark = pytest.mark.slow
 
 
-def _run(script: str, *args: str, compare_torch: bool = True) -> dict:
+def _run(script: str, *args: str, compare_torch: bool = True, model: str = "iresnet18",
+         env=None) -> dict:
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / script), "--model=iresnet18",
+      [sys.executable, str(ROOT / "benchmarks" / script), f"--model={model}",
        "--rounds=1", *(["--compare_torch"] if compare_torch else []), *args],
-      capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+      capture_output=True, text=True, timeout=900, cwd=ROOT, check=False, env=env)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -57,8 +61,12 @@ def test_embed_benchmark_reports_ratio_and_mfu():
 
 
 def test_strided_gradients_benchmark_compiles_two_different_steps():
+  # Two train steps to compile: the tests' IResNet of one block a stage (registered in the
+  # script's process by tests/launch_site/sitecustomize.py), whose stages each have the
+  # strided convolutions the rewrite changes, instead of iresnet18's two blocks a stage.
+  env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "launch_site"))
   result = _run("strided_gradients.py", "--width=8", "--batch=2", "--classes=16",
-                compare_torch=False)
+                compare_torch=False, model=tiny_backbone.IRESNET_NAME, env=env)
   assert set(result["seconds"]) == {"rewrite", "xla"}
   assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values()), result
   # The two programs differ: XLA's cost analysis counts the rewritten gradients differently

@@ -11,9 +11,11 @@ from unitsface_jax import optim, parallel, train
 
 
 def _variants():
-  """The smoke recipe's trunk with SGD; the optimiser and head variants on the tests' own
-  backbone (tests/tiny_backbone.py: one initialiser to compile instead of the trunk's)."""
+  """The smoke recipe with SGD on an IR trunk of one block a stage; the optimiser and head
+  variants on the tests' own backbone (tests/tiny_backbone.py: one initialiser to compile
+  instead of a trunk's)."""
   sgd = demo.get_config("smoke")
+  sgd.model.name = tiny_backbone.IRESNET_NAME
   adamw = demo.get_config("smoke")
   adamw.optimizer.name = "adamw"
   adamw.optimizer.grad_accum_steps = 2
