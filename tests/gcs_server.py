@@ -14,7 +14,6 @@ request leaves 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import socket

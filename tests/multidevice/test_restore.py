@@ -12,7 +12,6 @@ devices (the uninterrupted run). Each restoring count restores the checkpoint on
 freshly built state and runs the same three steps.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
