@@ -14,14 +14,18 @@ line a test, appended to ``OUT_PREFIX.<xdist worker>.jsonl`` (``CPU_PER_TEST_OUT
 import glob
 import json
 import os
+import resource
 import sys
 import time
 
 import pytest
 
-from test_suite import _children_cpu_s as _children_s  # beside this file
-
 _OUT = os.environ.get("CPU_PER_TEST_OUT", "/tmp/cpu_per_test")
+
+
+def _children_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 @pytest.hookimpl(hookwrapper=True)

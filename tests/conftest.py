@@ -15,6 +15,8 @@ from xml.etree import ElementTree
 import hypothesis
 import pytest
 
+import gc_settings
+
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
 MULTIDEVICE_DIR = TESTS_DIR / "multidevice"
@@ -123,17 +125,9 @@ SESSION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",
 _session_cache = None
 
 
-# The garbage collector's thresholds raised for the test processes: tracing and compiling
-# allocate millions of objects, and at Python's default (a young collection every 700
-# allocations) collections took 12 % of an in-process run of test_models, test_export and
-# test_losses_margin (18.4 of 151.6 s; 6.3 of 141.4 s with these). What is collected is the
-# same, later; tests/train_run.py sets them in the training children.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
 def pytest_configure(config):
   global _session_cache
-  gc.set_threshold(*GC_THRESHOLDS)
+  gc.set_threshold(*gc_settings.THRESHOLDS)
   if _multidevice_session(config) or "jax" in sys.modules:
     return
   if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller: its workers inherit it
@@ -173,7 +167,8 @@ def one_cpu_device(request):
 def tiny_backbone_registered():
   """The tests' own backbones (tests/tiny_backbone.py) registered while the tests run (not
   while they are collected: parametrisations over ``models.list_models()`` are the package's
-  backbones); tests/train_run.py registers it in its child processes."""
+  backbones); tests/train_run.py, tests/plan_run.py and tests/launch_site/sitecustomize.py
+  register them in child processes."""
   import tiny_backbone  # pylint: disable=g-import-not-at-top
   tiny_backbone.register()
   yield

@@ -3,8 +3,8 @@
 ``python tests/plan_run.py [unitsface_jax.plan flags...]``: ``python -m unitsface_jax.plan``
 with ``tests/tiny_backbone.py``'s backbones registered (``--config.model.name=iresnet_test``)
 as soon as the package's model registry is imported. Not before: registering imports JAX,
-and ``plan.main`` sets JAX's platform (``JAX_PLATFORMS``, read when JAX is imported) before
-it imports JAX; ``test_plan.py`` checks that it does, through this runner.
+and the command line sets JAX's platform (``JAX_PLATFORMS``, read when JAX is imported)
+before it imports JAX; registering later keeps that order as a user's command line has it.
 """
 
 import gc
@@ -12,6 +12,8 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+
+import gc_settings  # beside this file
 
 REGISTRY = "unitsface_jax.models"
 
@@ -38,7 +40,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
 
 if __name__ == "__main__":
-  gc.set_threshold(50_000, 20, 100)  # as tests/conftest.py's GC_THRESHOLDS
+  gc.set_threshold(*gc_settings.THRESHOLDS)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   sys.meta_path.insert(0, _RegisterOnImport())
   from unitsface_jax import plan  # pylint: disable=g-import-not-at-top

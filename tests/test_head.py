@@ -49,10 +49,10 @@ def test_sharded_head_and_every_s2c_loss_pass_on_8_devices(multidevice_pytest):
   """tests/multidevice/test_head_sharded.py and test_head_losses.py (combined margin,
   AdaFace, CurricularFace, MagFace, normalized BCE and UCE, sharded, with PartialFC, resumed)
   on 8 simulated devices, in one process (one start-up; the single-device references they
-  share compile once): every test runs and passes, none skipped. Compiling dominates (about
-  two hundred small programs): LLVM at -O0 takes 30 % less CPU time for the session (61
-  against 87 s), and the sharded and the single-device side of every comparison run the same
-  way (as test_checkpoint.py's restore session)."""
+  share compile once): every test runs and passes, none skipped. Compiling dominates: LLVM
+  at -O0 takes 30 % less CPU time for the session (61 against 87 s), and the sharded and the
+  single-device side of every comparison run the same way (as test_checkpoint.py's restore
+  session)."""
   multidevice_pytest(("test_head_sharded.py", "test_head_losses.py"),
                      SHARDED_TESTS + LOSS_TESTS, timeout=900,
                      xla_flags=("--xla_backend_optimization_level=0",))

@@ -12,7 +12,6 @@ import numpy_weights
 import tiny_backbone
 from unitsface_jax import cpu_tuning, models
 from unitsface_jax.models import BatchNorm, Frozen, layers, mobilefacenet, vit
-from unitsface_jax.models.lresnet_eir import LResNetEIR
 
 # Published parameter counts (millions) and GMACs of insightface's IResNets.
 EXPECTED_PARAMS_M = {"iresnet18": 24.03, "iresnet34": 34.14, "iresnet50": 43.59,
@@ -76,10 +75,7 @@ def test_frozen_embedding_scale_is_state_not_param(name, frozen_key):
 
 
 def test_lresnet_init_matches_official_code():
-  # lresnet50_eir's class with two blocks in stages 2 and 3 (a strided first block, a second
-  # one after it) and one elsewhere: each block is initialised on its own, and 14 blocks'
-  # initialisers run op by op take seconds to compile.
-  model = LResNetEIR((1, 2, 2, 1), rngs=nnx.Rngs(0))
+  model = models.create("lresnet50_eir", rngs=nnx.Rngs(0))
   for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
     for block in stage:
       np.testing.assert_array_equal(block.bn2.scale[...], 0.0)  # zero_init_residual

@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_on_the_command_line():
 # The cheapest configuration that still has the backbone (bf16 activations), the class-sharded
 # head with USS and SGD, and whose FLOPs are the convolutions': the demo recipe (batch 32, 8
 # per chip) with an IResNet of one block a stage (tests/tiny_backbone.py: the IR trunk's every
-# layer; its XLA:TPU compile took 58 s of CPU time against IResNet-18's 87 s, AMD EPYC). A
+# layer; the command line took 58 s of CPU time against IResNet-18's 87 s, AMD EPYC). A
 # quarter-width trunk or 2 images per chip is 10-20% above the analytic count (the
 # element-wise work and the optimiser's update, which it leaves out).
 DEMO_ARGS = ("--config=configs/demo.py", "--config.model.dtype=bfloat16",

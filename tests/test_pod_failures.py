@@ -214,7 +214,7 @@ def test_a_hung_peer_ends_the_other_process_within_the_step_timeout(tmp_path, fr
   heartbeat timeout. (It leaves what a lost peer leaves: checkpoint 4, and process 0's lease
   of a process that has ended; the test above starts such a run again.)"""
   env = _env(UNITSFACE_NO_XLA_FLAGS="1")
-  # 5 s: the test waits that long with one core idle; a tiny step takes ~0.1 s.
+  # 5 s: the test waits that long with one core idle.
   flags = [*TINY, "--config.checkpoint_every_steps=4", "--config.step_timeout_s=5"]
   stop = ["--config.debug.signal_after_step=5", "--config.debug.signal=SIGSTOP"]
   workdir, port = tmp_path / "run", free_port()

@@ -3,16 +3,18 @@
 ``python tests/train_run.py DEVICES [main.py flags...]``: sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES`` before JAX starts (which the test
 process cannot do for itself once JAX is up), registers the tests' own backbones
-(``tests/tiny_backbone.py``: ``--config.model.name=tiny_test``, ``vit_test``, ``mbf_test``),
-then runs ``unitsface_jax.main``.
+(``tests/tiny_backbone.py``: ``--config.model.name=tiny_test``, ``vit_test``, ``mbf_test``,
+``iresnet_test``), then runs ``unitsface_jax.main``.
 """
 
 import gc
 import os
 import sys
 
+import gc_settings  # beside this file
+
 if __name__ == "__main__":
-  gc.set_threshold(50_000, 20, 100)  # as tests/conftest.py's GC_THRESHOLDS, for the same reason
+  gc.set_threshold(*gc_settings.THRESHOLDS)
   devices = sys.argv[1]
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={devices}")

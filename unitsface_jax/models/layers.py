@@ -175,19 +175,18 @@ def _grouped_conv_taps(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     xs = xp[:, :kh, :kw, :].reshape(n, kh, kw, groups, in_pg, 1)
     k = kernel.reshape(kh, kw, in_pg, groups, out_pg).transpose(0, 1, 3, 2, 4)
     y = (xs * k).sum((1, 2, 4)).reshape(n, 1, 1, cout)
-    if conv.bias is not None:
-      y = y + conv.bias[...].astype(jnp.float32)
-    return y.astype(conv.dtype or x.dtype)
-  y = None
-  for dy in range(kh):
-    for dx in range(kw):
-      xs = jax.lax.slice(xp, (0, dy, dx, 0), (n, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1,
-                                              cin), (1, sh, sw, 1))
-      xs = xs.reshape(n, ho, wo, groups, in_pg)
-      for j in range(in_pg):  # input channel j of each group, to the group's outputs
-        xj = jnp.broadcast_to(xs[..., j:j + 1], (n, ho, wo, groups, out_pg))
-        term = xj.reshape(n, ho, wo, cout) * kernel[dy, dx, j]
-        y = term if y is None else y + term
+  else:
+    y = None
+    for dy in range(kh):
+      for dx in range(kw):
+        xs = jax.lax.slice(xp, (0, dy, dx, 0),
+                           (n, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, cin),
+                           (1, sh, sw, 1))
+        xs = xs.reshape(n, ho, wo, groups, in_pg)
+        for j in range(in_pg):  # input channel j of each group, to the group's outputs
+          xj = jnp.broadcast_to(xs[..., j:j + 1], (n, ho, wo, groups, out_pg))
+          term = xj.reshape(n, ho, wo, cout) * kernel[dy, dx, j]
+          y = term if y is None else y + term
   if conv.bias is not None:
     y = y + conv.bias[...].astype(jnp.float32)
   return y.astype(conv.dtype or x.dtype)
