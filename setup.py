@@ -11,6 +11,10 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7.0",
     "numpy>=1.26",
+    # JAX's dtype extension. 0.7.0 registers its NumPy loops in 0.55 s at import against
+    # 0.6.0's 0.03 s (AMD EPYC; PyUFunc_AddLoop), added to every process's start: every
+    # command line, data worker and benchmark worker. 0.6.0 has every dtype JAX uses.
+    "ml-dtypes>=0.5,!=0.7.0",
     "scipy>=1.11",  # IJB template pooling (one sparse product); jax needs it too
     "absl-py>=2.1",
     "ml-collections>=1.0",
