@@ -20,12 +20,12 @@ LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu", "InitG
                 "Source Location Trace")
 
 
-def _command(*args, env=None, timeout=900):
+def _command(*args, env=None, timeout=900, pythonpath=(ROOT,)):
   """Runs a command line of the package with JAX_PLATFORMS unset (as a user's shell)."""
   env = dict(os.environ if env is None else env)
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = str(ROOT)
+  env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -176,11 +176,14 @@ def test_cpu_commands_stay_quiet_with_libtpu_installed(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "cpu"
   assert not any(noise in proc.stderr for noise in LIBTPU_NOISE), proc.stderr
+  # The training command line on the tests' one-convolution backbone (registered at start-up
+  # by tests/launch_site/sitecustomize.py, which imports JAX without starting it, as the
+  # command line's own imports do before it chooses the platform).
   proc = _command("-m", "unitsface_jax.main", "--config=configs/demo.py:smoke",
                   f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.data.max_examples=16",
-                  "--config.model.width=4", "--config.model.num_features=32",
-                  "--config.compilation_cache=False", "--config.eval.before_training=False",
-                  timeout=600)
+                  *tiny_backbone.FLAGS, "--config.compilation_cache=False",
+                  "--config.eval.before_training=False",
+                  pythonpath=(ROOT / "tests" / "launch_site", ROOT), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not any(noise in proc.stderr for noise in LIBTPU_NOISE), proc.stderr[-3000:]
 
