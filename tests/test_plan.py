@@ -20,9 +20,10 @@ LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu", "InitG
                 "Source Location Trace")
 
 
-def _command(*args, env=None, timeout=900, pythonpath=(ROOT,)):
-  """Runs a command line of the package with JAX_PLATFORMS unset (as a user's shell)."""
-  env = dict(os.environ if env is None else env)
+def _command(*args, timeout=900, pythonpath=(ROOT,)):
+  """Runs a command line of the package with JAX_PLATFORMS unset (as a user's shell), with
+  ``pythonpath`` for PYTHONPATH."""
+  env = dict(os.environ)
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)
   env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
