@@ -64,7 +64,7 @@ def test_strided_gradients_benchmark_compiles_two_different_steps():
   # Two train steps to compile: the tests' IResNet of one block a stage (registered in the
   # script's process by tests/launch_site/sitecustomize.py), whose stages each have the
   # strided convolutions the rewrite changes, instead of iresnet18's two blocks a stage.
-  env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "launch_site"))
+  env = dict(os.environ, PYTHONPATH=tiny_backbone.CHILD_PYTHONPATH)
   result = _run("strided_gradients.py", "--width=8", "--batch=2", "--classes=16",
                 compare_torch=False, model=tiny_backbone.IRESNET_NAME, env=env)
   assert set(result["seconds"]) == {"rewrite", "xla"}

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import numpy_weights
 import tiny_backbone
 from configs import demo
-from unitsface_jax import checkpoint, finetune, models, optim, parallel, train
+from unitsface_jax import checkpoint, finetune, optim, parallel, train
 from unitsface_jax.data import demo as demo_data
 from unitsface_jax.data import pixels, recordio, sources
 from unitsface_jax.evaluation import extract, verification
@@ -97,11 +98,8 @@ def test_weights_that_do_not_fit_are_refused_naming_the_key(exported, tmp_path, 
     del weights["layer3.1.conv2.weight"]
     path, needle = _npz(tmp_path / "w.npz", weights), "missing key(s) ['layer3.1.conv2.weight']"
   elif case == "other depth":  # an IResNet-34 file without a model name, for an -18
-    # Its names and shapes are what is refused: zeros, without an initialisation to compile.
-    other = models.create_abstract("iresnet34", width=4, num_features=32)
-    for _, var in nnx.to_flat_state(nnx.state(other)):
-      if isinstance(var.get_raw_value(), jax.ShapeDtypeStruct):
-        var.set_value(np.zeros(var.shape, var.dtype))
+    # Its names and shapes are what is refused: NumPy's weights, no initialiser to compile.
+    other = numpy_weights.filled("iresnet34", width=4, num_features=32)
     path, needle = _npz(tmp_path / "w.npz", _weights(other)), "unexpected key(s) ['layer1.2."
   elif case == "other width":
     config.width = 8

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+import tiny_backbone
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 POD_ARGS = ["--config=configs/glint_r100.py", "--config.data.path=gs://b/glint360k",
@@ -101,7 +103,7 @@ def launch_local(logs, workdir, *flags, devices=1, timeout, env=None, tiny=False
   it returned); those are then killed, so no test leaves a training behind. ``tiny``: the
   processes know the tests' backbones (tests/launch_site/sitecustomize.py), for flags that
   name one."""
-  path = f"{ROOT / 'tests' / 'launch_site'}{os.pathsep}{ROOT}" if tiny else str(ROOT)
+  path = tiny_backbone.CHILD_PYTHONPATH if tiny else str(ROOT)
   env = dict(env or os.environ, PYTHONPATH=path, LOG_DIR=str(logs),
              UNITSFACE_NO_XLA_FLAGS="1")
   env.pop("XLA_FLAGS", None)

@@ -20,13 +20,13 @@ LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu", "InitG
                 "Source Location Trace")
 
 
-def _command(*args, timeout=900, pythonpath=(ROOT,)):
+def _command(*args, timeout=900, pythonpath=str(ROOT)):
   """Runs a command line of the package with JAX_PLATFORMS unset (as a user's shell), with
   ``pythonpath`` for PYTHONPATH."""
   env = dict(os.environ)
   env.pop("JAX_PLATFORMS", None)
   env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
+  env["PYTHONPATH"] = pythonpath
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -184,7 +184,7 @@ def test_cpu_commands_stay_quiet_with_libtpu_installed(tmp_path):
                   f"--workdir={tmp_path}", "--config.num_epochs=1", "--config.data.max_examples=16",
                   *tiny_backbone.FLAGS, "--config.compilation_cache=False",
                   "--config.eval.before_training=False",
-                  pythonpath=(ROOT / "tests" / "launch_site", ROOT), timeout=600)
+                  pythonpath=tiny_backbone.CHILD_PYTHONPATH, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not any(noise in proc.stderr for noise in LIBTPU_NOISE), proc.stderr[-3000:]
 

@@ -16,6 +16,8 @@ MobileFaceNet with one block a stage and IResNet with one block a stage (below).
 """
 
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,11 @@ MBF_NAME = "mbf_test"
 # subject but not its depth (remat, the initialiser at -O1, the head-only step, the XLA:TPU
 # compile of the plan, the strided-gradients benchmark).
 IRESNET_NAME = "iresnet_test"
+# PYTHONPATH for a child process started as a user starts it (``python -m unitsface_jax.main``,
+# a benchmark script, launch/local_multiprocess.sh) that knows these backbones from its start:
+# tests/launch_site/sitecustomize.py registers them; this checkout's package after it.
+_TESTS = pathlib.Path(__file__).resolve().parent
+CHILD_PYTHONPATH = os.pathsep.join((str(_TESTS / "launch_site"), str(_TESTS.parent)))
 # Overrides of configs/demo.py:smoke that train it (a flag per entry for a child process).
 CONFIG = {"model.name": NAME, "model.width": 4, "model.num_features": 32}
 FLAGS = tuple(f"--config.{key}={value}" for key, value in CONFIG.items())
