@@ -103,6 +103,25 @@ hypothesis.settings.load_profile("unitsface")
 # tests/multidevice (which tests/test_head.py starts with 8 devices) sets its own count.
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
+# XLA:CPU flags of the whole session, set in XLA_FLAGS before JAX starts: the workers, the
+# child processes (trainings, command lines, benchmark scripts: they inherit the environment)
+# and the 8-device sessions (``multidevice_pytest``) compile with them. LLVM at -O0: the
+# suite's programs are small and run a few steps, so compiling is most of its CPU time, and
+# -O0 compiles in a fraction of the default's (-O3) time (BENCHMARKS.md, "The test suite").
+# It changes no operation's meaning but the bits of some results (a smoke run's losses part
+# from the default's by step 14): a comparison is between two computations of the session,
+# or within a tolerance of a file made at the default. Where the default itself is the
+# subject (the initialiser compiled at -O1 against it) the test asks for it by name; the
+# XLA:TPU compile of the plan (tests/test_plan.py) runs without these flags.
+SESSION_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a child process: the session's flags, and ``devices`` simulated CPU
+  devices if given."""
+  count = () if devices is None else (f"{_DEVICE_COUNT_FLAG}={devices}",)
+  return " ".join((*SESSION_XLA_FLAGS, *count))
+
 
 def _multidevice_session(config) -> bool:
   paths = [pathlib.Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
@@ -118,10 +137,9 @@ def _multidevice_session(config) -> bool:
 # one, JAX's cache lists, stats and reads the access time of every entry on each write (to
 # evict), 0.4 s a write at 10,000 entries, quadratic over a session that writes thousands.
 # Without one it takes no lock either: a process that reads an entry while another writes it
-# gets a warning from JAX and compiles the program itself. The tests of the workdir's own
-# cache (``config.compilation_cache``) remove these variables for their run.
-SESSION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR",
-                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+# gets a warning from JAX and compiles the program itself. The test of the workdir's own
+# cache (``config.compilation_cache``) removes the directory's variable for its run.
+SESSION_CACHE_DIR_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
 _session_cache = None
 
 
@@ -132,17 +150,14 @@ def pytest_configure(config):
     return
   if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller: its workers inherit it
     _session_cache = tempfile.mkdtemp(prefix="unitsface_test_jax_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache
+    os.environ[SESSION_CACHE_DIR_VARIABLE] = _session_cache
     # Every program, not only those over 1 s: each child process compiles the same small ones
     # (the evaluation's forward pass, the data fingerprint, the device_put helpers).
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PLATFORMS"] = "cpu"
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith(_DEVICE_COUNT_FLAG)]
-  if kept:
-    os.environ["XLA_FLAGS"] = " ".join(kept)
-  else:
-    os.environ.pop("XLA_FLAGS", None)
+  os.environ["XLA_FLAGS"] = " ".join((*kept, *SESSION_XLA_FLAGS))
 
 
 def pytest_unconfigure(config):
@@ -177,14 +192,14 @@ def tiny_backbone_registered():
 
 @pytest.fixture
 def multidevice_pytest(tmp_path):
-  """``run(names, expected, timeout=..., xla_flags=())`` runs ``tests/multidevice/<name>`` (a
-  name or a tuple of them) in one child pytest with 8 simulated CPU devices and asserts that
-  it passed with exactly ``expected`` tests, none failed, errored or skipped."""
-  def run(names, expected, *, timeout, xla_flags=()):
+  """``run(names, expected, timeout=...)`` runs ``tests/multidevice/<name>`` (a name or a
+  tuple of them) in one child pytest with 8 simulated CPU devices (and the session's XLA
+  flags) and asserts that it passed with exactly ``expected`` tests, none failed, errored or
+  skipped."""
+  def run(names, expected, *, timeout):
     names = (names,) if isinstance(names, str) else tuple(names)
     report = tmp_path / "multidevice.xml"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-        ("--xla_force_host_platform_device_count=8", *xla_flags)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
     env.pop("JAX_ENABLE_X64", None)
     env.pop("PYTEST_ADDOPTS", None)  # options meant for this session (-k, -x) would cut the run
     proc = subprocess.run(

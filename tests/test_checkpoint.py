@@ -84,11 +84,8 @@ def test_a_checkpoint_written_by_commit_1e53a79_resumes_to_the_same_losses(data_
 def test_restores_onto_other_device_counts_pass_on_8_devices(multidevice_pytest):
   """tests/multidevice/test_restore.py in its own process (8 simulated devices): a state
   saved on 4 devices restores row for row onto 3, 2 and 8 and trains on as the run that was
-  never stopped. Compiling dominates (the init and train programs for four meshes): LLVM at
-  -O0 takes a fifth of the time on the init program, and both sides of every comparison
-  run the same way."""
-  multidevice_pytest("test_restore.py", RESTORE_TESTS, timeout=600,
-                     xla_flags=("--xla_backend_optimization_level=0",))
+  never stopped."""
+  multidevice_pytest("test_restore.py", RESTORE_TESTS, timeout=600)
 
 
 def test_restore_matches_arrays_by_path_whatever_empty_containers(tmp_path):

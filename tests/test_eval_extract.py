@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import conftest
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_batches_are_sharded_over_four_devices(tmp_path):
       assert len(out.sharding.device_set) == 4, out.sharding
       print("OK")
   """) % os.path.dirname(__file__)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(4),
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                          os.environ.get("PYTHONPATH", "")]))

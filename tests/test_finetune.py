@@ -170,9 +170,8 @@ def test_head_only_steps_train_the_head_alone():
 # Fine-tuning runs, each a child process (tests/train_run.py, one device) as in test_train.
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
-  return env
+  """CPU, the repository on the path, the session's compilation cache and XLA flags."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
 def _run(workdir, *flags, timeout=600):

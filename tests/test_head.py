@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ LOSS_TESTS = 8 * 2 + 8 + 3
 
 def _env(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = conftest.xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_ENABLE_X64", None)
   env.pop("PYTEST_ADDOPTS", None)  # options meant for this session (-k, -x) would cut the run
@@ -49,13 +50,9 @@ def test_sharded_head_and_every_s2c_loss_pass_on_8_devices(multidevice_pytest):
   """tests/multidevice/test_head_sharded.py and test_head_losses.py (combined margin,
   AdaFace, CurricularFace, MagFace, normalized BCE and UCE, sharded, with PartialFC, resumed)
   on 8 simulated devices, in one process (one start-up; the single-device references they
-  share compile once): every test runs and passes, none skipped. Compiling dominates: LLVM
-  at -O0 takes 30 % less CPU time for the session (61 against 87 s), and the sharded and the
-  single-device side of every comparison run the same way (as test_checkpoint.py's restore
-  session)."""
+  share compile once): every test runs and passes, none skipped."""
   multidevice_pytest(("test_head_sharded.py", "test_head_losses.py"),
-                     SHARDED_TESTS + LOSS_TESTS, timeout=900,
-                     xla_flags=("--xla_backend_optimization_level=0",))
+                     SHARDED_TESTS + LOSS_TESTS, timeout=900)
 
 
 def _topology(results):

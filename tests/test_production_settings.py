@@ -177,9 +177,8 @@ def test_dropout_run_resumes_bitwise_and_differs_from_no_dropout(uninterrupted, 
 
 
 def _child_env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
-  return env
+  """CPU, the repository on the path, the session's compilation cache and XLA flags."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
 # A training-mode forward pass, compiled (op by op it takes seconds); nnx.jit writes the

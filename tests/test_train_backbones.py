@@ -33,7 +33,6 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("name", [tiny_backbone.MBF_NAME, tiny_backbone.VIT_NAME])
 def test_demo_smoke_trains_and_reports_held_out_accuracy(name, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, str(ROOT / "tests" / "train_run.py"), "1", "--config=configs/demo.py:smoke",
        f"--workdir={tmp_path}", f"--config.model.name={name}", "--config.num_epochs=1",
