@@ -1,6 +1,6 @@
 """Shared pytest setup: where the bundled test data lives, the one CPU device this process
-runs on, the session's compilation cache, ports for jax.distributed, the runner of
-tests/multidevice, Hypothesis's fixed examples, and the slow tests first."""
+runs on, the session's XLA flags (LLVM -O0) and compilation cache, ports for jax.distributed,
+the runner of tests/multidevice, Hypothesis's fixed examples, and the slow tests first."""
 
 import gc
 import os
