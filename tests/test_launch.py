@@ -106,7 +106,6 @@ def launch_local(logs, workdir, *flags, devices=1, timeout, env=None, tiny=False
   path = tiny_backbone.CHILD_PYTHONPATH if tiny else str(ROOT)
   env = dict(env or os.environ, PYTHONPATH=path, LOG_DIR=str(logs),
              UNITSFACE_NO_XLA_FLAGS="1")
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(
       ["bash", str(LAUNCH / "local_multiprocess.sh"), "2", str(devices),
        "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.model.width=4",
