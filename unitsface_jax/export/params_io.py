@@ -23,16 +23,9 @@ from flax import nnx
 from unitsface_jax import models
 from unitsface_jax.export.state_dict import load_torch_state_dict, torch_state_dict
 
-_DEPTHS = {
-    ("iresnet", (2, 2, 2, 2)): "iresnet18",
-    ("iresnet", (3, 4, 6, 3)): "iresnet34",
-    ("iresnet", (3, 4, 14, 3)): "iresnet50",
-    ("iresnet", (3, 13, 30, 3)): "iresnet100",
-    ("iresnet", (6, 26, 60, 6)): "iresnet200",
-    ("lresnet", (3, 4, 14, 3)): "lresnet50_eir",
-    ("lresnet", (3, 13, 30, 3)): "lresnet100_eir",
-    ("lresnet", (3, 33, 60, 3)): "lresnet200_eir",
-}
+# (family, blocks per stage) -> the registered name.
+_DEPTHS = {**{("iresnet", layers): name for name, layers in models.IRESNET_ARCHS.items()},
+           **{("lresnet", layers): name for name, layers in models.LRESNET_ARCHS.items()}}
 # (embedding dimension, depth) of a published ViT -> the first registered name with them.
 _VITS = {}
 for _name, _arch in models.VIT_ARCHS.items():

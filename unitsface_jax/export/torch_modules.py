@@ -17,18 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from unitsface_jax.models import MBF_ARCHS, VIT_ARCHS
-
-_LAYERS = {
-    "iresnet18": (2, 2, 2, 2),
-    "iresnet34": (3, 4, 6, 3),
-    "iresnet50": (3, 4, 14, 3),
-    "iresnet100": (3, 13, 30, 3),
-    "iresnet200": (6, 26, 60, 6),
-    "lresnet50_eir": (3, 4, 14, 3),
-    "lresnet100_eir": (3, 13, 30, 3),
-    "lresnet200_eir": (3, 33, 60, 3),
-}
+from unitsface_jax.models import IRESNET_ARCHS, LRESNET_ARCHS, MBF_ARCHS, VIT_ARCHS
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
@@ -306,8 +295,9 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return MobileFaceNet(*MBF_ARCHS[name], **kwargs)
   if name in VIT_ARCHS:
     return VisionTransformer(*VIT_ARCHS[name][:2], **kwargs)
-  if name not in _LAYERS:
-    known = sorted(_LAYERS) + sorted(MBF_ARCHS) + sorted(VIT_ARCHS)
+  if name in LRESNET_ARCHS:
+    return LResNetEIR(LRESNET_ARCHS[name], **kwargs)
+  if name not in IRESNET_ARCHS:
+    known = sorted(IRESNET_ARCHS) + sorted(LRESNET_ARCHS) + sorted(MBF_ARCHS) + sorted(VIT_ARCHS)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
-  cls = LResNetEIR if name.startswith("lresnet") else IResNet
-  return cls(_LAYERS[name], **kwargs)
+  return IResNet(IRESNET_ARCHS[name], **kwargs)

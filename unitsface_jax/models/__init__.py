@@ -26,8 +26,15 @@ from unitsface_jax.models.vit import VisionTransformer
 
 
 # insightface arcface_torch backbones/__init__.py get_model: the names and, per name, the
-# MobileFaceNet (blocks per stage, channel scale) and the ViT (embedding dimension, depth,
-# drop-path rate, mask ratio; 8 heads and patch 9 in all) arguments there.
+# IResNet's blocks per stage, the MobileFaceNet's (blocks per stage, channel scale) and the
+# ViT's (embedding dimension, depth, drop-path rate, mask ratio; 8 heads and patch 9 in all)
+# arguments there; the LResNet-EIR's blocks per stage from CVI-SZU/UniTSFace backbone.py
+# (LResNet200EIR = [3, 33, 60, 3]).
+IRESNET_ARCHS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3),
+                 "iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3),
+                 "iresnet200": (6, 26, 60, 6)}
+LRESNET_ARCHS = {"lresnet50_eir": (3, 4, 14, 3), "lresnet100_eir": (3, 13, 30, 3),
+                 "lresnet200_eir": (3, 33, 60, 3)}
 MBF_ARCHS = {"mbf": ((1, 4, 6, 2), 2), "mbf_large": ((2, 8, 12, 4), 4)}
 VIT_ARCHS = {
     "vit_t": (256, 12, 0.1, 0.1),
@@ -41,15 +48,8 @@ VIT_ARCHS = {
 }
 
 _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
-    "iresnet18": functools.partial(IResNet, (2, 2, 2, 2)),
-    "iresnet34": functools.partial(IResNet, (3, 4, 6, 3)),
-    "iresnet50": functools.partial(IResNet, (3, 4, 14, 3)),
-    "iresnet100": functools.partial(IResNet, (3, 13, 30, 3)),
-    "iresnet200": functools.partial(IResNet, (6, 26, 60, 6)),
-    "lresnet50_eir": functools.partial(LResNetEIR, (3, 4, 14, 3)),
-    "lresnet100_eir": functools.partial(LResNetEIR, (3, 13, 30, 3)),
-    # CVI-SZU/UniTSFace backbone.py: LResNet200EIR = [3, 33, 60, 3].
-    "lresnet200_eir": functools.partial(LResNetEIR, (3, 33, 60, 3)),
+    **{name: functools.partial(IResNet, layers) for name, layers in IRESNET_ARCHS.items()},
+    **{name: functools.partial(LResNetEIR, layers) for name, layers in LRESNET_ARCHS.items()},
     **{name: functools.partial(MobileFaceNet, *arch) for name, arch in MBF_ARCHS.items()},
     **{name: functools.partial(VisionTransformer, dim, depth, 8, drop_path=dp, mask_ratio=mask)
        for name, (dim, depth, dp, mask) in VIT_ARCHS.items()},
