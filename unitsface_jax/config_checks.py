@@ -8,6 +8,7 @@ meaningless (a negative batch, an unknown model, a margin outside its range);
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -32,6 +33,12 @@ def _require(ok: bool, field: str, value, what: str) -> None:
     raise ConfigError(f"config.{field} = {value!r}: {what}")
 
 
+def _at_least(config: ml_collections.ConfigDict, field: str, minimum: int, note: str = "") -> None:
+  """``config.<field>`` (dotted) >= ``minimum``; ``note`` follows the message."""
+  value = functools.reduce(lambda c, key: c[key], field.split("."), config)
+  _require(value >= minimum, field, value, f"must be >= {minimum}{note}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value is unusable."""
   _require(config.model.name in models.list_models(), "model.name", config.model.name,
@@ -51,19 +58,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{models.REMAT_ERROR} not {config.model.name}")
   _require(config.model.bn_stats in parallel.BN_STATS, "model.bn_stats", config.model.bn_stats,
            f"must be one of {parallel.BN_STATS}")
-  _require(config.num_devices >= 0, "num_devices", config.num_devices, "must be >= 0 (0: all)")
+  _at_least(config, "num_devices", 0, " (0: all)")
   _require(config.loss.head_dtype in head.STORAGE_DTYPES, "loss.head_dtype", config.loss.head_dtype,
            f"must be one of {head.STORAGE_DTYPES}")
   _require(config.data.source in sources.SOURCES, "data.source", config.data.source,
            f"must be one of {sources.SOURCES}")
-  _require(config.data.num_classes >= 2, "data.num_classes",
-           config.data.num_classes, "must be >= 2")
-  _require(config.data.max_examples >= 0, "data.max_examples", config.data.max_examples,
-           "must be >= 0 (0: all)")
-  _require(config.data.num_workers >= 0, "data.num_workers",
-           config.data.num_workers, "must be >= 0")
-  _require(config.data.read_threads >= 0, "data.read_threads",
-           config.data.read_threads, "must be >= 0")
+  _at_least(config, "data.num_classes", 2)
+  _at_least(config, "data.max_examples", 0, " (0: all)")
+  _at_least(config, "data.num_workers", 0)
+  _at_least(config, "data.read_threads", 0)
   _require(config.data.shuffle in ("records", "chunks"), "data.shuffle", config.data.shuffle,
            "must be 'records' or 'chunks'")
   for field in ("chunk_records", "shuffle_window"):
@@ -79,8 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(0.0 <= config.loss[field] < 1.0, f"loss.{field}",
              config.loss[field], "must be in [0, 1)")
   _validate_loss_options(config)
-  _require(config.loss.uss_start_epoch >= 0, "loss.uss_start_epoch", config.loss.uss_start_epoch,
-           "must be >= 0")
+  _at_least(config, "loss.uss_start_epoch", 0)
   _require(0.0 < config.loss.sample_rate <= 1.0, "loss.sample_rate", config.loss.sample_rate,
            "must be in (0, 1]")
   _require(config.optimizer.name in optim.OPTIMIZERS, "optimizer.name", config.optimizer.name,
@@ -90,8 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(0.0 <= config.optimizer[field] < 1.0, f"optimizer.{field}", config.optimizer[field],
              "must be in [0, 1)")
   _require(config.optimizer.eps > 0, "optimizer.eps", config.optimizer.eps, "must be positive")
-  _require(config.init.head_only_steps >= 0, "init.head_only_steps", config.init.head_only_steps,
-           "must be >= 0")
+  _at_least(config, "init.head_only_steps", 0)
   _require(not config.init.head_only_steps or config.init.backbone, "init.head_only_steps",
            config.init.head_only_steps, "needs config.init.backbone (a backbone to keep frozen)")
   _require(config.init.head_only_steps % max(config.optimizer.grad_accum_steps, 1) == 0,
@@ -99,26 +100,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must be a multiple of config.optimizer.grad_accum_steps (whole updates)")
   _require(0.0 <= config.optimizer.momentum < 1.0, "optimizer.momentum", config.optimizer.momentum,
            "must be in [0, 1)")
-  _require(config.optimizer.weight_decay >= 0, "optimizer.weight_decay",
-           config.optimizer.weight_decay, "must be >= 0")
-  _require(config.optimizer.clip_norm >= 0, "optimizer.clip_norm", config.optimizer.clip_norm,
-           "must be >= 0 (0 disables clipping)")
-  _require(config.optimizer.grad_accum_steps >= 1, "optimizer.grad_accum_steps",
-           config.optimizer.grad_accum_steps, "must be >= 1")
+  _at_least(config, "optimizer.weight_decay", 0)
+  _at_least(config, "optimizer.clip_norm", 0, " (0 disables clipping)")
+  _at_least(config, "optimizer.grad_accum_steps", 1)
   _require(config.schedule.name in optim.SCHEDULES, "schedule.name", config.schedule.name,
            f"must be one of {optim.SCHEDULES}")
   _require(config.schedule.power > 0, "schedule.power", config.schedule.power, "must be positive")
   _require(list(config.schedule.decay_epochs) == sorted(config.schedule.decay_epochs),
            "schedule.decay_epochs", config.schedule.decay_epochs, "must be increasing")
-  _require(config.batch_size >= 1, "batch_size", config.batch_size, "must be >= 1")
-  _require(config.num_epochs >= 1, "num_epochs", config.num_epochs, "must be >= 1")
-  _require(config.eval.every_steps >= 0, "eval.every_steps", config.eval.every_steps,
-           "must be >= 0 (0 disables)")
-  _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, "must be >= 1")
+  _at_least(config, "batch_size", 1)
+  _at_least(config, "num_epochs", 1)
+  _at_least(config, "eval.every_steps", 0, " (0 disables)")
+  _at_least(config, "eval.batch_size", 1)
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[field] >= 1, field, config[field], "must be >= 1")
-  _require(config.debug.signal_after_step >= 0, "debug.signal_after_step",
-           config.debug.signal_after_step, "must be >= 0 (0: off)")
+  _at_least(config, "debug.signal_after_step", 0, " (0: off)")
   _require(config.debug.signal in run_control.DRILL_SIGNALS, "debug.signal", config.debug.signal,
            f"must be one of {run_control.DRILL_SIGNALS}")
 
