@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 import numpy_weights
+import test_train
 import tiny_backbone
 from configs import demo
 from unitsface_jax import checkpoint, finetune, optim, parallel, train
@@ -169,16 +170,11 @@ def test_head_only_steps_train_the_head_alone():
 # ----------------------------------------------------------------------------------------
 # Fine-tuning runs, each a child process (tests/train_run.py, one device) as in test_train.
 
-def _env():
-  """CPU, the repository on the path, the session's compilation cache and XLA flags."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-
-
 def _run(workdir, *flags, timeout=600):
   proc = subprocess.run([sys.executable, str(RUN), "1", "--config=configs/demo.py:smoke",
                          f"--workdir={workdir}", "--config.model.width=4",
                          "--config.model.num_features=32", *flags],
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+                        cwd=ROOT, env=test_train._env(), capture_output=True, text=True, timeout=timeout)
   return proc
 
 

@@ -10,7 +10,6 @@ results stay bitwise comparable.
 
 import json
 import logging
-import os
 import pathlib
 import pickle
 import shutil
@@ -24,6 +23,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
+import test_train
 import tiny_backbone
 from configs import demo as demo_config
 from unitsface_jax import checkpoint, head, optim, parallel, pytrees, train
@@ -176,11 +176,6 @@ def test_dropout_run_resumes_bitwise_and_differs_from_no_dropout(uninterrupted, 
     assert not np.allclose(want[name], other[name], rtol=1e-3, atol=0), name
 
 
-def _child_env():
-  """CPU, the repository on the path, the session's compilation cache and XLA flags."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-
-
 # A training-mode forward pass, compiled (op by op it takes seconds); nnx.jit writes the
 # updated statistics back into the model.
 _forward = nnx.jit(lambda model, images: model(images))
@@ -207,7 +202,7 @@ def test_per_device_batch_norm_statistics_on_two_devices(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(ROOT / "tests" / "train_run.py"), "2",
        "--config=configs/demo.py:smoke", f"--workdir={tmp_path}", *overrides],
-      cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+      cwd=ROOT, env=test_train._env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   graphdef, rng_state, state = restored(config, tmp_path, 1)
   assert int(state.step) == 1

@@ -8,7 +8,6 @@ pairs after the last step.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_train
 import tiny_backbone
 from configs import demo
 from unitsface_jax import optim, parallel, train
@@ -32,14 +32,13 @@ pytestmark = pytest.mark.slow
 # compile, and the blocks of a stage are one module repeated.
 @pytest.mark.parametrize("name", [tiny_backbone.MBF_NAME, tiny_backbone.VIT_NAME])
 def test_demo_smoke_trains_and_reports_held_out_accuracy(name, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, str(ROOT / "tests" / "train_run.py"), "1", "--config=configs/demo.py:smoke",
        f"--workdir={tmp_path}", f"--config.model.name={name}", "--config.num_epochs=1",
        "--config.eval.every_steps=8",
        "--config.model.width=4", "--config.model.num_features=32",
        "--config.compilation_cache=False"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+      cwd=ROOT, env=test_train._env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if l]
   losses = {m["step"]: m["s2c"] for m in lines if "loss" in m}
